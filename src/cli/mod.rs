@@ -1,0 +1,78 @@
+//! The `niso` command line: one module per command group.
+//!
+//! Exit codes never change: 0 success; 1 the command ran but the answer is
+//! no (`verify` found problems); 2 error (bad arguments, unreadable input,
+//! refused archive). Errors go to stderr prefixed `niso:`.
+
+mod package;
+mod registry;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// niso: build, serve, verify and mirror a package registry that any static
+/// host can serve.
+#[derive(Debug, Parser)]
+#[command(name = "niso", version, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a RUST_LOG-style filter).
+    #[arg(long, global = true, default_value = "warn", env = "NISO_LOG")]
+    log_level: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a .niso archive from a package directory.
+    Package(package::PackageArgs),
+    /// Create, build, verify and publish into a registry.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
+}
+
+/// What a command concluded when it did not fail.
+pub enum Outcome {
+    Success,
+    /// Ran, and the answer is no (exit 1).
+    No,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let result = match cli.command {
+        Command::Package(args) => args.run(),
+        Command::Registry(cmd) => cmd.run(),
+    };
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::No) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("niso: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,7 @@
+//! Reading a registry tree back: from a directory or over HTTP, through one
+//! [`Transport`] seam, and verifying everything in it ([`verify`]).
+
+pub mod transport;
+pub mod verify;
+
+pub use transport::{DirTransport, HttpTransport, Transport, TransportError};

@@ -1,0 +1,275 @@
+//! A registry's data directory: what `niso registry init` creates and
+//! `build`, `publish` and `serve` use.
+//!
+//! ```text
+//! D/niso-registry.toml   settings: the repository name
+//! D/keys/repository.pem  the RSA signing key (0600), outside the served tree
+//! D/staging/             uploads being received, never served
+//! D/public/              the served tree: point nginx, S3 sync or rsync here
+//! D/registry.lock        held while a process writes the tree
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ident::RepoName;
+use crate::index::{KeyError, RepoKey, Signer};
+use crate::publish::{Layout, Options, PublishError, Publisher};
+use crate::store::{LocalStore, Store};
+
+pub const CONFIG_FILE: &str = "niso-registry.toml";
+pub const KEY_FILE: &str = "keys/repository.pem";
+pub const PUBLIC_DIR: &str = "public";
+pub const STAGING_DIR: &str = "staging";
+pub const LOCK_FILE: &str = "registry.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("{path} is not a niso registry data directory (no {CONFIG_FILE}); create one with `niso registry init --data-dir {path} --name NAME`")]
+    NotInitialised { path: String },
+    #[error("{path} already holds a registry ({CONFIG_FILE} exists); refusing to overwrite it")]
+    AlreadyInitialised { path: String },
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Config { path: String, reason: String },
+    #[error("{path} is in use by another niso process (a running `niso registry serve`?); stop it or use the write API")]
+    Locked { path: String },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError {
+    let path = path.display().to_string();
+    move |source| DataDirError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The repository name written into every index.
+    pub name: String,
+}
+
+/// An opened data directory.
+pub struct DataDir {
+    root: PathBuf,
+    config: Config,
+    repository: RepoName,
+}
+
+impl DataDir {
+    /// Creates a data directory with a new key (or `import_key`'s), and an
+    /// empty, signed repository.
+    pub fn init(
+        root: &Path,
+        name: &RepoName,
+        import_key: Option<&Path>,
+    ) -> Result<Self, DataDirError> {
+        let config_path = root.join(CONFIG_FILE);
+        if config_path.exists() {
+            return Err(DataDirError::AlreadyInitialised {
+                path: root.display().to_string(),
+            });
+        }
+        for dir in ["keys", PUBLIC_DIR, STAGING_DIR] {
+            let d = root.join(dir);
+            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+        }
+        let key = match import_key {
+            Some(p) => RepoKey::from_file(p)?,
+            None => RepoKey::generate()?,
+        };
+        let key_path = root.join(KEY_FILE);
+        write_private(&key_path, key.to_pkcs8_pem()?.as_bytes())?;
+        let config = Config {
+            name: name.to_string(),
+        };
+        let text = toml::to_string(&config).map_err(|e| DataDirError::Config {
+            path: config_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
+        let this = Self {
+            root: root.to_path_buf(),
+            config,
+            repository: name.clone(),
+        };
+        let _lock = this.lock()?;
+        this.publisher(Arc::new(key), Layout::root(), Options::default())?
+            .refresh()?;
+        Ok(this)
+    }
+
+    pub fn open(root: &Path) -> Result<Self, DataDirError> {
+        let config_path = root.join(CONFIG_FILE);
+        let text = match fs::read_to_string(&config_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DataDirError::NotInitialised {
+                    path: root.display().to_string(),
+                })
+            }
+            Err(e) => return Err(io_err("read", &config_path)(e)),
+        };
+        let config: Config = toml::from_str(&text).map_err(|e| DataDirError::Config {
+            path: config_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let repository = RepoName::new(&config.name).map_err(|e| DataDirError::Config {
+            path: config_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            config,
+            repository,
+        })
+    }
+
+    pub fn is_data_dir(root: &Path) -> bool {
+        root.join(CONFIG_FILE).is_file()
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn repository(&self) -> &RepoName {
+        &self.repository
+    }
+
+    pub fn public_dir(&self) -> PathBuf {
+        self.root.join(PUBLIC_DIR)
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join(STAGING_DIR)
+    }
+
+    pub fn key(&self) -> Result<RepoKey, DataDirError> {
+        Ok(RepoKey::from_file(&self.root.join(KEY_FILE))?)
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::new(LocalStore::new(self.public_dir()))
+    }
+
+    /// Takes the data directory's write lock, held until the guard drops.
+    pub fn lock(&self) -> Result<WriteLock, DataDirError> {
+        WriteLock::acquire(&self.root.join(LOCK_FILE))
+    }
+
+    pub fn publisher(
+        &self,
+        signer: Arc<dyn Signer>,
+        layout: Layout,
+        options: Options,
+    ) -> Result<Publisher, DataDirError> {
+        let repository = match layout.prefix().strip_prefix("repos/") {
+            Some(org) => RepoName::new(org).map_err(PublishError::from)?,
+            None => self.repository.clone(),
+        };
+        Ok(Publisher::open(
+            self.store(),
+            signer,
+            repository,
+            layout,
+            options,
+        )?)
+    }
+
+    /// Organization repositories present in the tree (`public/repos/*`).
+    pub fn organizations(&self) -> Result<Vec<RepoName>, DataDirError> {
+        organizations_in(&self.public_dir())
+    }
+}
+
+/// Organization repositories under `tree/repos/`.
+pub fn organizations_in(tree: &Path) -> Result<Vec<RepoName>, DataDirError> {
+    let dir = tree.join(crate::publish::layout::REPOS_DIR);
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err("list", &dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err("list", &dir))?;
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            if let Some(name) = entry.file_name().to_str() {
+                out.push(RepoName::new(name).map_err(PublishError::from)?);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Writes a secret file readable only by its owner, atomically.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(parent)
+        .map_err(io_err("create temp file in", parent))?;
+    // tempfile creates files 0600 already; the explicit mode documents it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io_err("set permissions on", path))?;
+    }
+    tmp.write_all(bytes).map_err(io_err("write", path))?;
+    tmp.as_file().sync_all().map_err(io_err("sync", path))?;
+    tmp.persist(path)
+        .map_err(|e| io_err("write", path)(e.error))?;
+    Ok(())
+}
+
+/// An exclusive advisory lock (flock) on a file; released on drop.
+pub struct WriteLock {
+    _file: File,
+}
+
+impl WriteLock {
+    pub fn acquire(path: &Path) -> Result<Self, DataDirError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_err("open", path))?;
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock only uses the descriptor, which `file` keeps open.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                return Err(DataDirError::Locked {
+                    path: path.parent().unwrap_or(path).display().to_string(),
+                });
+            }
+        }
+        Ok(Self { _file: file })
+    }
+}

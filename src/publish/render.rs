@@ -1,0 +1,257 @@
+//! Turning the in-memory model into files: the one place that decides the
+//! bytes of every index and `v1/` document. Incremental publishes and full
+//! rebuilds both come through here, which is why they agree byte for byte.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use super::layout::{self, Layout};
+use super::PublishError;
+use crate::ident::{Arch, PackageName, Version};
+use crate::index::json::{self, Manifest, ManifestBinary, ManifestIsolation, ManifestPackage};
+use crate::index::{encode_index, pb, Signer};
+use crate::store::{Op, TreePath};
+
+/// SHA-256 and length of a file, for the freshness sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest256 {
+    pub sha256: [u8; 32],
+    pub length: u64,
+}
+
+impl Digest256 {
+    pub fn of(bytes: &[u8]) -> Self {
+        Self {
+            sha256: Sha256::digest(bytes).into(),
+            length: bytes.len() as u64,
+        }
+    }
+}
+
+/// Puts a package's lists into their canonical order and recomputes the
+/// package-level description, so equal content always encodes equally.
+pub fn normalize(pkg: &mut pb::Package) {
+    pkg.releases.sort_by_cached_key(|r| version_key(&r.version));
+    for r in &mut pkg.releases {
+        r.artifacts.sort_by(|a, b| a.arch.cmp(&b.arch));
+    }
+    pkg.tags.sort_by(|a, b| a.tag.cmp(&b.tag));
+    pkg.description = pkg
+        .releases
+        .iter()
+        .rev()
+        .find_map(|r| r.description.clone());
+}
+
+/// Orders versions by semver; an unparsable one (never written by us) sorts
+/// first so it cannot become `latest`.
+pub fn version_key(v: &str) -> Option<semver::Version> {
+    semver::Version::parse(v).ok()
+}
+
+/// The newest release, preferring releases that are not pre-releases, among
+/// those `filter` accepts.
+pub fn latest(
+    pkg: &pb::Package,
+    filter: impl Fn(&pb::Release) -> bool,
+) -> Option<&pb::Release> {
+    let candidates: Vec<&pb::Release> = pkg.releases.iter().filter(|r| filter(r)).collect();
+    let stable = candidates
+        .iter()
+        .rev()
+        .find(|r| version_key(&r.version).is_some_and(|v| v.pre.is_empty()));
+    stable.or(candidates.last()).copied()
+}
+
+/// The files of one package: `packages/NAME` and its `v1/` documents and
+/// archive links. Returns the ops and the digest of `packages/NAME`.
+pub fn package_files(
+    layout: &Layout,
+    pkg: &pb::Package,
+    signer: &dyn Signer,
+) -> Result<(Vec<Op>, Digest256), PublishError> {
+    let name = PackageName::new(&pkg.name)?;
+    let mut ops = Vec::new();
+
+    let index = encode_index(pkg, signer)?;
+    let digest = Digest256::of(&index);
+
+    let mut entries = Vec::new();
+    for r in &pkg.releases {
+        let version = Version::new(&r.version)?;
+        for a in &r.artifacts {
+            entries.push(json::VersionEntry {
+                version: r.version.clone(),
+                arch: a.arch.clone(),
+                size: a.size,
+                sha256: hex::encode(&a.sha256),
+                uploaded_at: json::rfc3339(a.uploaded_at),
+                retired: r.retired.is_some(),
+            });
+            let arch = Arch::new(&a.arch)?;
+            ops.push(Op::Link {
+                from: layout.path(&a.path)?,
+                to: layout.v1_archive(&name, &version, &arch)?,
+            });
+        }
+        let manifest = Manifest {
+            package: ManifestPackage {
+                name: pkg.name.clone(),
+                version: r.version.clone(),
+                description: r.description.clone(),
+            },
+            binary: r
+                .entrypoint
+                .clone()
+                .map(|entrypoint| ManifestBinary { entrypoint }),
+            isolation: r
+                .isolation_preset
+                .clone()
+                .map(|preset| ManifestIsolation { preset }),
+        };
+        ops.push(Op::Put {
+            path: layout.v1_manifest(&name, &version)?,
+            bytes: json::to_bytes(&manifest),
+        });
+    }
+
+    // latest/ARCH follows the newest release that has ARCH.
+    let mut arches: Vec<&str> = pkg
+        .releases
+        .iter()
+        .flat_map(|r| r.artifacts.iter().map(|a| a.arch.as_str()))
+        .collect();
+    arches.sort_unstable();
+    arches.dedup();
+    for arch in arches {
+        if let Some(r) = latest(pkg, |r| r.artifacts.iter().any(|a| a.arch == arch)) {
+            if let Some(a) = r.artifacts.iter().find(|a| a.arch == arch) {
+                ops.push(Op::Link {
+                    from: layout.path(&a.path)?,
+                    to: layout.v1_latest(&name, &Arch::new(arch)?)?,
+                });
+            }
+        }
+    }
+
+    ops.push(Op::Put {
+        path: layout.v1_versions(&name)?,
+        bytes: json::to_bytes(&json::VersionList {
+            name: pkg.name.clone(),
+            versions: entries,
+        }),
+    });
+    ops.push(Op::Put {
+        path: layout.v1_tags(&name)?,
+        bytes: json::to_bytes(&json::TagList {
+            tags: pkg
+                .tags
+                .iter()
+                .map(|t| json::TagEntry {
+                    tag: t.tag.clone(),
+                    version: t.version.clone(),
+                })
+                .collect(),
+        }),
+    });
+    // The signed index last within the stage, after the files it describes.
+    ops.push(Op::Put {
+        path: layout.package(&name)?,
+        bytes: index,
+    });
+    Ok((ops, digest))
+}
+
+/// `versions`, `names` and `v1/packages/index.json` for the whole repository.
+pub struct GlobalFiles {
+    pub versions: Vec<u8>,
+    pub names: Vec<u8>,
+    pub v1_index: Vec<u8>,
+}
+
+pub fn global_files(
+    repository: &str,
+    packages: &BTreeMap<String, pb::Package>,
+    signer: &dyn Signer,
+) -> Result<GlobalFiles, PublishError> {
+    let mut versions = pb::Versions {
+        packages: Vec::with_capacity(packages.len()),
+        repository: repository.to_string(),
+    };
+    let mut names = pb::Names {
+        packages: Vec::with_capacity(packages.len()),
+        repository: repository.to_string(),
+    };
+    let mut list = json::PackageList {
+        packages: Vec::with_capacity(packages.len()),
+    };
+    for (name, pkg) in packages {
+        let vs: Vec<String> = pkg.releases.iter().map(|r| r.version.clone()).collect();
+        let retired = pkg
+            .releases
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.retired.is_some())
+            .map(|(i, _)| i as i32)
+            .collect();
+        list.packages.push(json::PackageSummary {
+            name: name.clone(),
+            versions: vs.clone(),
+            latest: latest(pkg, |_| true).map(|r| r.version.clone()),
+            description: pkg.description.clone(),
+        });
+        versions.packages.push(pb::VersionsPackage {
+            name: name.clone(),
+            versions: vs,
+            retired,
+        });
+        names.packages.push(pb::NamesPackage { name: name.clone() });
+    }
+    Ok(GlobalFiles {
+        versions: encode_index(&versions, signer)?,
+        names: encode_index(&names, signer)?,
+        v1_index: json::to_bytes(&list),
+    })
+}
+
+/// The signed freshness sidecar over `digests` (path relative to the
+/// repository root -> digest).
+pub fn freshness(
+    repository: &str,
+    generation: u64,
+    issued_at: i64,
+    expires_at: i64,
+    digests: &BTreeMap<String, Digest256>,
+    signer: &dyn Signer,
+) -> Result<Vec<u8>, PublishError> {
+    let msg = pb::Freshness {
+        repository: repository.to_string(),
+        generation,
+        issued_at,
+        expires_at,
+        files: digests
+            .iter()
+            .map(|(path, d)| pb::FileDigest {
+                path: path.clone(),
+                sha256: d.sha256.to_vec(),
+                length: d.length,
+            })
+            .collect(),
+    };
+    Ok(encode_index(&msg, signer)?)
+}
+
+/// Paths of the `v1/` files [`package_files`] writes, to find stale ones.
+pub fn owned_v1_paths(ops: &[Op]) -> Vec<TreePath> {
+    ops.iter()
+        .map(Op::path)
+        .filter(|p| p.as_str().contains("v1/packages/"))
+        .cloned()
+        .collect()
+}
+
+/// The file name of an artifact's download.
+pub fn download_name(a: &pb::Artifact) -> &str {
+    layout::download_name(&a.path)
+}

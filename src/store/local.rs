@@ -1,0 +1,382 @@
+//! The tree as a local directory, written with atomic renames.
+//!
+//! Each file is written to a temp file in its own directory (so the rename
+//! never crosses file systems), made durable, renamed into place, and the
+//! directory is synced so the rename itself survives a crash.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::{Op, Store, StoreError, TreePath};
+
+/// A tree rooted at a directory.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+/// Above this many files in one stage, one `syncfs` replaces an `fsync` per
+/// file: each fsync on ext4 forces its own journal commit, so a rebuild of
+/// thousands of indexes would be bound by fsync latency.
+const SYNCFS_THRESHOLD: usize = 16;
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn full(&self, path: &TreePath) -> PathBuf {
+        self.root.join(path.as_str())
+    }
+
+    fn ensure_parent(&self, full: &Path) -> Result<PathBuf, StoreError> {
+        let parent = full.parent().unwrap_or(&self.root).to_path_buf();
+        if !parent.is_dir() {
+            fs::create_dir_all(&parent).map_err(io_err("create directory", &parent))?;
+            // Make the new directories' entries durable in their parents.
+            let mut dir = parent.as_path();
+            while let Some(up) = dir.parent() {
+                sync_dir(up)?;
+                if up == self.root || !up.starts_with(&self.root) {
+                    break;
+                }
+                dir = up;
+            }
+        }
+        Ok(parent)
+    }
+
+    /// Writes `bytes` to a temp file beside `full`; returns the temp file.
+    fn stage_bytes(
+        &self,
+        full: &Path,
+        bytes: &[u8],
+        sync: bool,
+    ) -> Result<tempfile::TempPath, StoreError> {
+        let parent = self.ensure_parent(full)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&parent)
+            .map_err(io_err("create temp file in", &parent))?;
+        tmp.write_all(bytes).map_err(io_err("write", full))?;
+        if sync {
+            tmp.as_file().sync_all().map_err(io_err("sync", full))?;
+        }
+        set_readable(tmp.as_file(), full)?;
+        Ok(tmp.into_temp_path())
+    }
+}
+
+impl Store for LocalStore {
+    fn get(&self, path: &TreePath) -> Result<Option<Vec<u8>>, StoreError> {
+        let full = self.full(path);
+        match fs::read(&full) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &full)(e)),
+        }
+    }
+
+    fn exists(&self, path: &TreePath) -> Result<bool, StoreError> {
+        let full = self.full(path);
+        full.try_exists().map_err(io_err("check", &full))
+    }
+
+    fn put_archive(&self, path: &TreePath, staged: &Path) -> Result<(), StoreError> {
+        let full = self.full(path);
+        let parent = self.ensure_parent(&full)?;
+        File::open(staged)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("sync", staged))?;
+        // link(2) fails with EEXIST if the target exists: an atomic create,
+        // so exactly one of two racing uploads wins.
+        match fs::hard_link(staged, &full) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::AlreadyExists {
+                    path: path.to_string(),
+                })
+            }
+            Err(e) if is_cross_device(&e) => {
+                // Staging on another file system: copy to a temp file here,
+                // then link that into place (still an atomic create).
+                let tmp = tempfile::Builder::new()
+                    .prefix(".tmp-")
+                    .tempfile_in(&parent)
+                    .map_err(io_err("create temp file in", &parent))?;
+                fs::copy(staged, tmp.path()).map_err(io_err("copy", staged))?;
+                tmp.as_file().sync_all().map_err(io_err("sync", &full))?;
+                match fs::hard_link(tmp.path(), &full) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return Err(StoreError::AlreadyExists {
+                            path: path.to_string(),
+                        })
+                    }
+                    Err(e) => return Err(io_err("link", &full)(e)),
+                }
+            }
+            Err(e) => return Err(io_err("link", &full)(e)),
+        }
+        set_readable_path(&full)?;
+        sync_dir(&parent)
+    }
+
+    fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError> {
+        for stage in stages {
+            if stage.is_empty() {
+                continue;
+            }
+            let batch = stage.len() > SYNCFS_THRESHOLD;
+            let mut staged: Vec<(Option<tempfile::TempPath>, PathBuf)> =
+                Vec::with_capacity(stage.len());
+            for op in stage {
+                match op {
+                    Op::Put { path, bytes } => {
+                        let full = self.full(path);
+                        let tmp = self.stage_bytes(&full, bytes, !batch)?;
+                        staged.push((Some(tmp), full));
+                    }
+                    Op::Link { from, to } => {
+                        let src = self.full(from);
+                        let full = self.full(to);
+                        let parent = self.ensure_parent(&full)?;
+                        // Link into a fresh temp name, then rename over the
+                        // target: replacing a link is then atomic too.
+                        let tmp_path = tempfile::Builder::new()
+                            .prefix(".tmp-")
+                            .make_in(&parent, |p| fs::hard_link(&src, p))
+                            .map_err(io_err("link", &full))?
+                            .into_temp_path();
+                        staged.push((Some(tmp_path), full));
+                    }
+                    Op::Remove { path } => staged.push((None, self.full(path))),
+                }
+            }
+            if batch {
+                sync_filesystem(&self.root)?;
+            }
+            let mut dirs = BTreeSet::new();
+            for (tmp, full) in staged {
+                match tmp {
+                    Some(tmp) => {
+                        tmp.persist(&full)
+                            .map_err(|e| io_err("rename into", &full)(e.error))?;
+                    }
+                    None => match fs::remove_file(&full) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err("remove", &full)(e)),
+                    },
+                }
+                if let Some(parent) = full.parent() {
+                    dirs.insert(parent.to_path_buf());
+                }
+            }
+            for dir in dirs {
+                sync_dir(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<TreePath>, StoreError> {
+        let base = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(prefix)
+        };
+        if !base.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for entry in walkdir::WalkDir::new(&base).sort_by_file_name() {
+            let entry = entry.map_err(|e| io_err("list", &base)(e.into()))?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let Ok(rel) = entry.path().strip_prefix(&self.root) else {
+                continue;
+            };
+            let Some(rel) = rel.to_str() else { continue };
+            // Temp files and anything else outside the path rule are not
+            // part of the tree.
+            if let Ok(p) = TreePath::new(rel.replace(std::path::MAIN_SEPARATOR, "/")) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    fn local_path(&self, path: &TreePath) -> Option<PathBuf> {
+        Some(self.full(path))
+    }
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.display().to_string();
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn is_cross_device(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EXDEV)
+}
+
+/// fsync a directory so renames and new entries in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync directory", dir))
+}
+
+/// One `syncfs(2)` for a whole stage of temp files.
+fn sync_filesystem(root: &Path) -> Result<(), StoreError> {
+    let dir = File::open(root).map_err(io_err("open", root))?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        if rc != 0 {
+            return Err(io_err("sync file system of", root)(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        dir.sync_all().map_err(io_err("sync", root))?;
+        Ok(())
+    }
+}
+
+/// Temp files are created 0600; served files must be world-readable so a web
+/// server running as another user can serve them.
+fn set_readable(file: &File, path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(io_err("set permissions on", path))?;
+    }
+    Ok(())
+}
+
+fn set_readable_path(path: &Path) -> Result<(), StoreError> {
+    let f = File::open(path).map_err(io_err("open", path))?;
+    set_readable(&f, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> TreePath {
+        TreePath::new(s).unwrap()
+    }
+
+    #[test]
+    fn tree_paths_stay_inside_the_tree() {
+        for ok in [
+            "names",
+            "packages/a_b",
+            "v1/packages/x/1.0.0-rc.1/x86_64",
+            "repos/acme/names",
+        ] {
+            assert!(TreePath::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/names",
+            "../x",
+            "a/../b",
+            "a//b",
+            ".tmp-x",
+            "a/.hidden",
+            "a b",
+            "a\\b",
+            "a/",
+        ] {
+            assert!(TreePath::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn stages_write_replace_link_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store
+            .apply(&[
+                vec![Op::Put {
+                    path: p("a/one"),
+                    bytes: b"1".to_vec(),
+                }],
+                vec![Op::Link {
+                    from: p("a/one"),
+                    to: p("b/two"),
+                }],
+            ])
+            .unwrap();
+        assert_eq!(store.get(&p("b/two")).unwrap().unwrap(), b"1");
+        store
+            .apply(&[vec![
+                Op::Put {
+                    path: p("a/one"),
+                    bytes: b"2".to_vec(),
+                },
+                Op::Remove { path: p("b/two") },
+                Op::Remove {
+                    path: p("b/missing"),
+                },
+            ]])
+            .unwrap();
+        assert_eq!(store.get(&p("a/one")).unwrap().unwrap(), b"2");
+        assert!(store.get(&p("b/two")).unwrap().is_none());
+        assert_eq!(store.list("").unwrap(), vec![p("a/one")]);
+        // Many files take the syncfs path.
+        let many: Vec<Op> = (0..40)
+            .map(|i| Op::Put {
+                path: p(&format!("m/f{i}")),
+                bytes: vec![i as u8],
+            })
+            .collect();
+        store.apply(&[many]).unwrap();
+        assert_eq!(store.list("m").unwrap().len(), 40);
+        // No temp files are left behind.
+        let leftovers = walkdir::WalkDir::new(dir.path())
+            .min_depth(1)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn archives_are_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("tree"));
+        let staged = dir.path().join("staged");
+        fs::write(&staged, b"archive").unwrap();
+        store
+            .put_archive(&p("tarballs/x-1.0.0.tar"), &staged)
+            .unwrap();
+        let again = store.put_archive(&p("tarballs/x-1.0.0.tar"), &staged);
+        assert!(matches!(again, Err(StoreError::AlreadyExists { .. })));
+        assert_eq!(
+            store.get(&p("tarballs/x-1.0.0.tar")).unwrap().unwrap(),
+            b"archive"
+        );
+    }
+}

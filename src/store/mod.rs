@@ -1,0 +1,132 @@
+//! Where the served tree lives.
+//!
+//! The publisher never touches files directly: it stages [`Op`]s and hands
+//! them to a [`Store`] in ordered stages. A local directory
+//! ([`LocalStore`]) is the only back end today; an object store (S3) is the
+//! next, behind the same trait. Paths are [`TreePath`]s, checked once so no
+//! write can leave the tree.
+
+mod local;
+
+use std::path::Path;
+
+pub use local::LocalStore;
+
+/// A checked path inside the tree: relative, `/`-separated, each component
+/// made of ASCII letters, digits, `.`, `_` and `-`, never `.` or `..` and never
+/// starting with `.` (temp files start with `.`, and are never served).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TreePath(String);
+
+impl TreePath {
+    pub fn new(path: impl Into<String>) -> Result<Self, StoreError> {
+        let path = path.into();
+        let ok = !path.is_empty()
+            && path.len() <= 1024
+            && path.split('/').all(|c| {
+                !c.is_empty()
+                    && !c.starts_with('.')
+                    && c.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            });
+        if ok {
+            Ok(Self(path))
+        } else {
+            Err(StoreError::BadPath { path })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The path with `prefix/` in front (for organization repositories).
+    pub fn under(&self, prefix: &str) -> Result<Self, StoreError> {
+        if prefix.is_empty() {
+            Ok(self.clone())
+        } else {
+            Self::new(format!("{prefix}/{}", self.0))
+        }
+    }
+}
+
+impl std::fmt::Display for TreePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What kind of object a path holds; object stores set caching from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// Archives never change once written: cache forever.
+    Immutable,
+    /// Indexes and documents change with every publish: cache briefly.
+    Mutable,
+}
+
+/// One change to the tree.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Write these bytes at `path` (replacing any file there).
+    Put { path: TreePath, bytes: Vec<u8> },
+    /// Make `to` hold the same bytes as `from` (a hard link locally, a copy on
+    /// an object store), replacing any file at `to`.
+    Link { from: TreePath, to: TreePath },
+    /// Remove `path`; a missing file is not an error.
+    Remove { path: TreePath },
+}
+
+impl Op {
+    pub fn path(&self) -> &TreePath {
+        match self {
+            Op::Put { path, .. } | Op::Remove { path } => path,
+            Op::Link { to, .. } => to,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("refusing to use path {path:?}: not a plain relative path inside the tree")]
+    BadPath { path: String },
+    #[error("{path} already exists")]
+    AlreadyExists { path: String },
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A place that holds the served tree.
+///
+/// Every write is atomic per file (readers see the old bytes or the new ones),
+/// and [`Store::apply`] makes each stage durable before the next stage
+/// becomes visible, which is how the publisher gets its order: archives, then
+/// `packages/NAME`, then `versions`, then `names`.
+pub trait Store: Send + Sync {
+    /// The bytes at `path`, or `None` if there is no such file.
+    fn get(&self, path: &TreePath) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Whether `path` exists.
+    fn exists(&self, path: &TreePath) -> Result<bool, StoreError>;
+
+    /// Adds an immutable archive from a local staged file. Fails with
+    /// [`StoreError::AlreadyExists`] if `path` exists, atomically, so two
+    /// racing uploads of the same file cannot both win.
+    fn put_archive(&self, path: &TreePath, staged: &Path) -> Result<(), StoreError>;
+
+    /// Applies the stages in order; each stage is durable before the next
+    /// one starts.
+    fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError>;
+
+    /// Every file under `prefix` (a directory path; `""` for the whole tree),
+    /// sorted. Temp files are never listed.
+    fn list(&self, prefix: &str) -> Result<Vec<TreePath>, StoreError>;
+
+    /// A local path to read `path` from, when the store is a local directory
+    /// (lets a rebuild stream archives without copying them).
+    fn local_path(&self, path: &TreePath) -> Option<std::path::PathBuf>;
+}
