@@ -364,6 +364,14 @@ pub fn create(
     drop(buf);
 
     inspect_created(tmp.path(), limits)?;
+    // Temp files are created 0600; an archive is for sharing.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(write_err)?;
+    }
     tmp.as_file().sync_all().map_err(write_err)?;
     tmp.persist(&out).map_err(|e| write_err(e.error))?;
     Ok((out, manifest))

@@ -734,7 +734,7 @@ impl Publisher {
                 else {
                     return Ok(false);
                 };
-                Ok(same_file(&a, &b))
+                Ok(crate::store::same_inode(&a, &b))
             }
             Op::Remove { .. } => Ok(false),
         }
@@ -813,22 +813,6 @@ impl Publisher {
             }
             Ok(out)
         })
-    }
-}
-
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        match (std::fs::metadata(a), std::fs::metadata(b)) {
-            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-            _ => false,
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (a, b);
-        false
     }
 }
 

@@ -52,10 +52,7 @@ pub fn version_key(v: &str) -> Option<semver::Version> {
 
 /// The newest release, preferring releases that are not pre-releases, among
 /// those `filter` accepts.
-pub fn latest(
-    pkg: &pb::Package,
-    filter: impl Fn(&pb::Release) -> bool,
-) -> Option<&pb::Release> {
+pub fn latest(pkg: &pb::Package, filter: impl Fn(&pb::Release) -> bool) -> Option<&pb::Release> {
     let candidates: Vec<&pb::Release> = pkg.releases.iter().filter(|r| filter(r)).collect();
     let stable = candidates
         .iter()

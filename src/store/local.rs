@@ -146,6 +146,11 @@ impl Store for LocalStore {
                     Op::Link { from, to } => {
                         let src = self.full(from);
                         let full = self.full(to);
+                        // rename(2) between two links to one inode does
+                        // nothing and leaves the temp name behind: skip.
+                        if same_inode(&src, &full) {
+                            continue;
+                        }
                         let parent = self.ensure_parent(&full)?;
                         // Link into a fresh temp name, then rename over the
                         // target: replacing a link is then atomic too.
@@ -225,6 +230,23 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreE
         action,
         path,
         source,
+    }
+}
+
+/// Whether two paths are links to the same file.
+pub(crate) fn same_inode(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::metadata(a), fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (a, b);
+        false
     }
 }
 
@@ -329,6 +351,13 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(store.get(&p("b/two")).unwrap().unwrap(), b"1");
+        // Linking again to the same file is a no-op that leaves no temp file.
+        store
+            .apply(&[vec![Op::Link {
+                from: p("a/one"),
+                to: p("b/two"),
+            }]])
+            .unwrap();
         store
             .apply(&[vec![
                 Op::Put {

@@ -8,6 +8,8 @@
 
 mod local;
 
+pub(crate) use local::same_inode;
+
 use std::path::Path;
 
 pub use local::LocalStore;
