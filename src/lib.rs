@@ -22,6 +22,7 @@
 //! tests; the Hex-client check needs `escript` and rebar3 on the PATH.
 
 pub mod archive;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod datadir;
@@ -29,4 +30,5 @@ pub mod ident;
 pub mod index;
 pub mod limits;
 pub mod publish;
+pub mod server;
 pub mod store;

@@ -128,11 +128,13 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<HexTarball, ArchiveErr
         });
     }
 
-    let text = std::str::from_utf8(&metadata_file).map_err(|_| ArchiveError::Invalid {
-        file: "metadata.config",
-        reason: "not UTF-8".into(),
-    })?;
-    let meta = parse_metadata(text).map_err(|e| ArchiveError::Invalid {
+    // hex_core reads a metadata.config that is not UTF-8 as Latin-1 (old
+    // tarballs); do the same so every tarball it accepts is accepted here.
+    let text: std::borrow::Cow<'_, str> = match std::str::from_utf8(&metadata_file) {
+        Ok(t) => t.into(),
+        Err(_) => metadata_file.iter().map(|&b| b as char).collect::<String>().into(),
+    };
+    let meta = parse_metadata(&text).map_err(|e| ArchiveError::Invalid {
         file: "metadata.config",
         reason: e.to_string(),
     })?;

@@ -6,6 +6,7 @@
 
 mod package;
 mod registry;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -17,8 +18,10 @@ use clap::{Parser, Subcommand};
 #[command(name = "niso", version, propagate_version = true)]
 pub struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a RUST_LOG-style filter).
-    #[arg(long, global = true, default_value = "warn", env = "NISO_LOG")]
-    log_level: String,
+    /// Defaults to info for `registry serve` (one line per request), warn
+    /// otherwise.
+    #[arg(long, global = true, env = "NISO_LOG")]
+    log_level: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -42,7 +45,11 @@ pub enum Outcome {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    let default_level = match &cli.command {
+        Command::Registry(registry::RegistryCommand::Serve(_)) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log_level.as_deref().unwrap_or(default_level));
     let result = match cli.command {
         Command::Package(args) => args.run(),
         Command::Registry(cmd) => cmd.run(),

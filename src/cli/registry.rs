@@ -19,6 +19,7 @@ use crate::store::{LocalStore, Store};
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
+    Serve(super::serve::ServeArgs),
     Init(InitArgs),
     Build(BuildArgs),
     Verify(VerifyArgs),
@@ -28,6 +29,7 @@ pub enum RegistryCommand {
 impl RegistryCommand {
     pub fn run(self) -> anyhow::Result<Outcome> {
         match self {
+            Self::Serve(a) => a.run(),
             Self::Init(a) => a.run(),
             Self::Build(a) => a.run(),
             Self::Verify(a) => a.run(),

@@ -1,0 +1,94 @@
+//! The one error shape of the HTTP API: `{"error": "...", "status": N}`.
+//!
+//! Handlers return [`ApiError`]; unexpected failures are logged with their
+//! cause and answered with a fixed 500 message, so internals never leak.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::publish::PublishError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Extra headers (Retry-After, WWW-Authenticate).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+
+    pub fn unauthorized() -> Self {
+        let mut e = Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication required: send Authorization: Bearer niso_k1_...",
+        );
+        e.headers.push(("www-authenticate", "Bearer".into()));
+        e
+    }
+
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, m)
+    }
+
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, m)
+    }
+
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, m)
+    }
+
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    /// Logs the real cause; the client sees a fixed message.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(e: PublishError) -> Self {
+        match e {
+            PublishError::Conflict(m) => Self::conflict(m),
+            PublishError::NotFound(m) => Self::not_found(m),
+            PublishError::Invalid(m) => Self::bad_request(m),
+            PublishError::Ident(e) => Self::bad_request(e.to_string()),
+            PublishError::Archive(e) => Self::bad_request(format!("invalid archive: {e}")),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message, "status": self.status.as_u16() });
+        let mut resp = (self.status, Json(body)).into_response();
+        for (name, value) in self.headers {
+            if let Ok(v) = value.parse() {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

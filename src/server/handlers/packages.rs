@@ -1,0 +1,370 @@
+//! Uploads, deletes, tags and search.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use base64::Engine;
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use crate::archive;
+use crate::auth::{Action, KeyRecord};
+use crate::ident::{Arch, PackageName, RepoName, TagName, Version};
+use crate::index::json;
+use crate::publish::{layout, unix_now, PublisherSignature, Upload};
+use crate::server::error::{ApiError, ApiResult};
+use crate::server::files::{self, json_response, ListQuery};
+use crate::server::middleware::Caller;
+use crate::server::AppState;
+
+/// The repository a request is for, from the optional `{org}` segment.
+fn org_of(params: &HashMap<String, String>) -> ApiResult<Option<RepoName>> {
+    params
+        .get("org")
+        .map(|o| RepoName::new(o).map_err(|e| ApiError::not_found(e.to_string())))
+        .transpose()
+}
+
+fn param<'a>(params: &'a HashMap<String, String>, key: &str) -> &'a str {
+    params.get(key).map(String::as_str).unwrap_or_default()
+}
+
+/// The scope subject of a package: its normalised name, `ORG/` in front for
+/// an organization's packages.
+fn subject(org: Option<&RepoName>, name: &PackageName) -> String {
+    match org {
+        Some(o) => format!("{o}/{}", name.normalized()),
+        None => name.normalized(),
+    }
+}
+
+/// The key of an authenticated caller allowed to `action` on the package.
+fn require<'a>(
+    caller: &'a Caller,
+    action: Action,
+    org: Option<&RepoName>,
+    name: &PackageName,
+) -> ApiResult<&'a KeyRecord> {
+    let key = caller.key().ok_or_else(ApiError::unauthorized)?;
+    let what = match action {
+        Action::Push => "push",
+        Action::Pull => "pull",
+        Action::Delete => "delete",
+    };
+    if key.scopes.allows(action, &subject(org, name)) {
+        Ok(key)
+    } else {
+        Err(ApiError::forbidden(format!(
+            "this key does not have the scope to {what} {}",
+            subject(org, name)
+        )))
+    }
+}
+
+fn parse_ids(params: &HashMap<String, String>) -> ApiResult<(PackageName, Version, Arch)> {
+    let bad = |e: crate::ident::IdentError| ApiError::bad_request(e.to_string());
+    Ok((
+        PackageName::new(param(params, "name")).map_err(bad)?,
+        Version::new(param(params, "version")).map_err(bad)?,
+        Arch::new(param(params, "arch")).map_err(bad)?,
+    ))
+}
+
+/// `POST /v1/packages/{name}/{version}/{arch}`: the body is the archive.
+pub async fn upload(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    if app.settings.read_only {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this registry is read-only",
+        ));
+    }
+    let org = org_of(&params)?;
+    let (name, version, arch) = parse_ids(&params)?;
+    let key = require(&caller, Action::Push, org.as_ref(), &name)?;
+    let max = app.settings.max_upload;
+    if let Some(len) = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > max {
+            return Err(ApiError::too_large(max));
+        }
+    }
+    let signature = signature_of(&headers, key)?;
+
+    // Stream to a staged file, feeding the signature check as bytes pass:
+    // memory stays flat whatever the archive's size.
+    std::fs::create_dir_all(&app.staging).map_err(ApiError::internal)?;
+    let staged = tempfile::Builder::new()
+        .prefix("upload-")
+        .tempfile_in(&app.staging)
+        .map_err(ApiError::internal)?;
+    let mut file = std::io::BufWriter::with_capacity(
+        256 * 1024,
+        staged.as_file().try_clone().map_err(ApiError::internal)?,
+    );
+    let mut verifier = match &signature {
+        Some((sig, vk, _)) => Some(vk.verify_stream(sig).map_err(|_| {
+            ApiError::bad_request("X-Niso-Signature is not a valid Ed25519 signature")
+        })?),
+        None => None,
+    };
+    let mut received: u64 = 0;
+    let mut stream = body.into_data_stream();
+    loop {
+        let next = tokio::time::timeout(app.settings.upload_idle_timeout, stream.next())
+            .await
+            .map_err(|_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload stalled"))?;
+        let Some(chunk) = next else { break };
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+        received += chunk.len() as u64;
+        if received > max {
+            return Err(ApiError::too_large(max));
+        }
+        if let Some(v) = verifier.as_mut() {
+            v.update(&chunk);
+        }
+        // Small synchronous writes into a buffer; the OS absorbs them.
+        file.write_all(&chunk).map_err(ApiError::internal)?;
+    }
+    file.flush().map_err(ApiError::internal)?;
+    drop(file);
+    if received == 0 {
+        return Err(ApiError::bad_request(
+            "the request body is empty: send the archive",
+        ));
+    }
+
+    let limits = archive_limits(&app);
+    let staged_path = staged.path().to_path_buf();
+    let info = tokio::task::spawn_blocking(move || archive::inspect_file(&staged_path, &limits))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::bad_request(format!("invalid archive: {e}")))?;
+    if info.name != name || info.version != version || info.arch != arch {
+        return Err(ApiError::bad_request(format!(
+            "the archive holds {} {} ({}) but the URL names {name} {version} ({arch})",
+            info.name, info.version, info.arch
+        )));
+    }
+    let publisher_signature = match (signature, verifier) {
+        (Some((sig, _, key_id)), Some(v)) => {
+            v.finalize_and_verify().map_err(|_| {
+                ApiError::bad_request(
+                    "X-Niso-Signature does not verify with this key's publisher key",
+                )
+            })?;
+            Some(PublisherSignature {
+                signature: sig.to_bytes().to_vec(),
+                key_id,
+            })
+        }
+        _ => None,
+    };
+    let committer = app.committer(org.as_ref())?;
+    let uploaded_at = unix_now();
+    let published = committer
+        .publish(Upload {
+            info,
+            staged: staged.path().to_path_buf(),
+            uploaded_at,
+            signature: publisher_signature,
+        })
+        .await?;
+    drop(staged);
+    let body = serde_json::json!({
+        "name": published.name.as_str(),
+        "version": published.version.as_str(),
+        "arch": published.arch.as_str(),
+        "size": published.size,
+        "sha256": hex::encode(published.sha256),
+        "uploaded_at": json::rfc3339(uploaded_at),
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+fn archive_limits(app: &AppState) -> crate::limits::Limits {
+    crate::limits::Limits {
+        max_archive: app.settings.max_upload,
+        ..Default::default()
+    }
+}
+
+type SignatureParts = (
+    ed25519_dalek::Signature,
+    ed25519_dalek::VerifyingKey,
+    String,
+);
+
+/// Parses `X-Niso-Signature` and finds the key to check it with.
+fn signature_of(headers: &HeaderMap, key: &KeyRecord) -> ApiResult<Option<SignatureParts>> {
+    let Some(value) = headers.get("x-niso-signature") else {
+        return Ok(None);
+    };
+    let bytes = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        })
+        .ok_or_else(|| ApiError::bad_request("X-Niso-Signature must be base64"))?;
+    let sig = ed25519_dalek::Signature::from_slice(&bytes).map_err(|_| {
+        ApiError::bad_request("X-Niso-Signature must be a 64-byte Ed25519 signature")
+    })?;
+    let (Some(public), Some(key_id)) = (key.publisher_key, key.publisher_key_id()) else {
+        return Err(ApiError::bad_request(
+            "X-Niso-Signature given, but this API key has no publisher key: register one with POST /v1/auth/publisher-key",
+        ));
+    };
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&public).map_err(ApiError::internal)?;
+    Ok(Some((sig, vk, key_id)))
+}
+
+/// `DELETE /v1/packages/{name}/{version}/{arch}`
+pub async fn delete_artifact(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(params): Path<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let org = org_of(&params)?;
+    let (name, version, arch) = parse_ids(&params)?;
+    require(&caller, Action::Delete, org.as_ref(), &name)?;
+    let publisher = app.committer(org.as_ref())?.publisher().clone();
+    let (n, v, a) = (name.clone(), version.clone(), arch.clone());
+    tokio::task::spawn_blocking(move || publisher.delete(&n, &v, &a))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(Json(serde_json::json!({
+        "name": name.as_str(), "version": version.as_str(), "arch": arch.as_str(), "deleted": true
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagRequest {
+    tag: String,
+    version: String,
+}
+
+/// `POST /v1/packages/{name}/tags` `{"tag": "stable", "version": "1.1.0"}`
+pub async fn set_tag(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(params): Path<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let org = org_of(&params)?;
+    let name = PackageName::new(param(&params, "name"))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    require(&caller, Action::Push, org.as_ref(), &name)?;
+    let req: TagRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "body must be {{\"tag\": ..., \"version\": ...}}: {e}"
+        ))
+    })?;
+    let tag = TagName::new(&req.tag).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let version = Version::new(&req.version).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let publisher = app.committer(org.as_ref())?.publisher().clone();
+    let (n, t, v) = (name.clone(), tag.clone(), version.clone());
+    tokio::task::spawn_blocking(move || publisher.set_tag(&n, &t, &v))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(
+        Json(serde_json::json!({ "tag": tag.as_str(), "version": version.as_str() }))
+            .into_response(),
+    )
+}
+
+/// `GET /v1/search?q=TERM`: packages whose name or description contains
+/// TERM (case-insensitive), best matches first; paginated like the lists.
+pub async fn search(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(params): Path<HashMap<String, String>>,
+    Query(query): Query<ListQuery>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let org = org_of(&params)?;
+    files::may_pull(&app, &caller, org.as_ref(), "v1/packages/index.json")?;
+    let term = query.q.clone().unwrap_or_default();
+    let needle = term.trim().to_ascii_lowercase();
+    if needle.is_empty() || needle.len() > 100 {
+        return Err(ApiError::bad_request("q must be 1 to 100 characters"));
+    }
+    let prefix = org
+        .as_ref()
+        .map(|o| format!("repos/{o}/"))
+        .unwrap_or_default();
+    let path = app.tree.join(format!("{prefix}{}", layout::V1_INDEX));
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found("no such repository"))
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let list: json::PackageList = serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
+    let mut hits: Vec<(u8, json::PackageSummary)> = list
+        .packages
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.name.to_ascii_lowercase();
+            let desc = p.description.as_deref().unwrap_or("").to_ascii_lowercase();
+            let rank = if name == needle {
+                0
+            } else if name.starts_with(&needle) {
+                1
+            } else if name.contains(&needle) {
+                2
+            } else if desc.contains(&needle) {
+                3
+            } else {
+                return None;
+            };
+            Some((rank, p))
+        })
+        .collect();
+    hits.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    let results: Vec<json::PackageSummary> = hits.into_iter().map(|(_, p)| p).collect();
+    // Relevance order unless the caller asks for another.
+    let (results, pagination) = if query.sort_by.is_some() {
+        files::page_of(
+            results,
+            &query,
+            &uri,
+            &headers,
+            files::package_sort_key,
+            "name",
+        )?
+    } else {
+        let ranked: Vec<(usize, json::PackageSummary)> = results.into_iter().enumerate().collect();
+        let (page, pagination) = files::page_of(
+            ranked,
+            &query,
+            &uri,
+            &headers,
+            |(i, _), _| Ok(format!("{i:010}")),
+            "rank",
+        )?;
+        (page.into_iter().map(|(_, p)| p).collect(), pagination)
+    };
+    Ok(json_response(
+        &serde_json::json!({ "term": term, "results": results, "pagination": pagination }),
+    ))
+}

@@ -1,0 +1,146 @@
+//! What every request passes: authentication, rate limiting, one log line.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::{ApiKey, KeyRecord};
+use crate::publish::unix_now;
+
+/// Who is calling, set by [`authenticate`] for handlers to read.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Anonymous,
+    Key(Box<KeyRecord>),
+}
+
+impl Caller {
+    pub fn key(&self) -> Option<&KeyRecord> {
+        match self {
+            Caller::Key(k) => Some(k),
+            Caller::Anonymous => None,
+        }
+    }
+}
+
+/// Reads the API key from `Authorization`: `Bearer KEY`, or the bare key as
+/// Hex clients send it. `Ok(None)` when there is no header.
+pub fn presented_key(headers: &HeaderMap) -> Result<Option<ApiKey>, ApiError> {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("the Authorization header must be ASCII"))?
+        .trim();
+    let key = match text.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        Some(_) => return Err(ApiError::unauthorized()),
+        None => text,
+    };
+    ApiKey::parse(key).map(Some).map_err(|_| {
+        let mut e = ApiError::unauthorized();
+        e.message = "invalid API key".into();
+        e
+    })
+}
+
+pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let caller = match resolve(&app, req.headers()).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let (limiter, bucket) = match &caller {
+        Caller::Key(k) => (&app.key_limiter, format!("key:{}", k.id)),
+        Caller::Anonymous => (&app.ip_limiter, format!("ip:{ip}")),
+    };
+    let decision = limiter.enabled().then(|| limiter.check(&bucket));
+    if let Some(d) = decision.filter(|d| !d.allowed) {
+        let mut e = ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "rate limit of {} requests a minute exceeded; retry in {} s",
+                d.limit, d.retry_after
+            ),
+        );
+        e.headers.push(("retry-after", d.retry_after.to_string()));
+        let mut resp = e.into_response();
+        add_rate_headers(resp.headers_mut(), &d);
+        return resp;
+    }
+    req.extensions_mut().insert(caller);
+    let mut resp = next.run(req).await;
+    if let Some(d) = decision {
+        add_rate_headers(resp.headers_mut(), &d);
+    }
+    resp
+}
+
+async fn resolve(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(key) = presented_key(headers)? else {
+        return Ok(Caller::Anonymous);
+    };
+    if app.keys.is_none() {
+        // A read-only server has no keys: everything it serves is public.
+        return Ok(Caller::Anonymous);
+    }
+    let app = app.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        app.keys
+            .as_ref()
+            .map(|s| s.authenticate(&key, unix_now()))
+            .transpose()
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?
+    .flatten();
+    match found {
+        Some(record) => Ok(Caller::Key(Box::new(record))),
+        None => {
+            let mut e = ApiError::unauthorized();
+            e.message = "invalid or revoked API key".into();
+            Err(e)
+        }
+    }
+}
+
+fn add_rate_headers(h: &mut HeaderMap, d: &super::ratelimit::Decision) {
+    let reset = unix_now() as u64 + d.reset_after;
+    for (name, value) in [
+        ("x-ratelimit-limit", d.limit.to_string()),
+        ("x-ratelimit-remaining", d.remaining.to_string()),
+        ("x-ratelimit-reset", reset.to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+}
+
+/// One structured log line per request.
+pub async fn log_request(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    tracing::info!(
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    resp
+}

@@ -1,0 +1,266 @@
+//! `niso registry serve`: the write API and the static tree on one port.
+//!
+//! * Reads (`GET`/`HEAD`) are files of the tree, served as a static host
+//!   would, with ETags ([`files`]). `/v1/packages` and a package's
+//!   `versions` also take seed 002's pagination parameters, and `/v1/search`
+//!   searches the package list.
+//! * Writes go through the [`committer`], which folds concurrent uploads
+//!   into one index rewrite, and from there through the same publisher as
+//!   `niso registry build`.
+//! * Every request passes [`middleware`]: authentication (keys from the
+//!   [`KeyStore`]), rate limiting, one log line.
+//!
+//! [`run`] takes a bound listener and a shutdown future, so tests bind port 0.
+
+pub mod committer;
+pub mod error;
+pub mod files;
+pub mod handlers;
+pub mod middleware;
+pub mod ratelimit;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
+
+use crate::auth::KeyStore;
+use crate::ident::RepoName;
+use crate::index::Signer;
+use crate::publish::{Layout, Options, PublishError, Publisher};
+use crate::store::Store;
+use committer::Committer;
+use ratelimit::RateLimiter;
+
+/// Settings of a running server.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest upload accepted, in bytes.
+    pub max_upload: u64,
+    /// Requests a minute per API key (0: unlimited).
+    pub rate_limit_key: u32,
+    /// Requests a minute per client IP without a key (0: unlimited).
+    pub rate_limit_ip: u32,
+    /// Time allowed for a whole non-upload request.
+    pub request_timeout: Duration,
+    /// Longest pause between two chunks of an upload body.
+    pub upload_idle_timeout: Duration,
+    /// Serve only the tree: no uploads, deletes, tags or key management.
+    pub read_only: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_upload: 1 << 30,
+            rate_limit_key: 6000,
+            rate_limit_ip: 1200,
+            request_timeout: Duration::from_secs(30),
+            upload_idle_timeout: Duration::from_secs(60),
+            read_only: false,
+        }
+    }
+}
+
+/// Everything a request handler needs, built once.
+pub struct App {
+    pub settings: Settings,
+    /// Root of the served tree.
+    pub tree: PathBuf,
+    /// Where uploads are received before they are published.
+    pub staging: PathBuf,
+    pub repository: RepoName,
+    /// API keys; `None` when read-only.
+    pub keys: Option<KeyStore>,
+    pub key_limiter: RateLimiter,
+    pub ip_limiter: RateLimiter,
+    writer: Option<Writer>,
+}
+
+/// What the write side needs: the store, the signer, and one committer per
+/// repository (the root one and each organization's), made on first use.
+struct Writer {
+    store: Arc<dyn Store>,
+    signer: Arc<dyn Signer>,
+    options: Options,
+    committers: Mutex<HashMap<Option<RepoName>, Arc<Committer>>>,
+}
+
+pub type AppState = Arc<App>;
+
+/// What a writable server publishes with: the tree's store, the signing key
+/// and the publisher options.
+pub type WriteSide = (Arc<dyn Store>, Arc<dyn Signer>, Options);
+
+impl App {
+    /// A server that reads and writes the tree at `tree`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Settings,
+        tree: PathBuf,
+        staging: PathBuf,
+        repository: RepoName,
+        keys: Option<KeyStore>,
+        writer: Option<WriteSide>,
+    ) -> Result<Self, PublishError> {
+        let writer = writer.map(|(store, signer, options)| Writer {
+            store,
+            signer,
+            options,
+            committers: Mutex::new(HashMap::new()),
+        });
+        let app = Self {
+            key_limiter: RateLimiter::new(settings.rate_limit_key),
+            ip_limiter: RateLimiter::new(settings.rate_limit_ip),
+            settings,
+            tree,
+            staging,
+            repository,
+            keys,
+            writer,
+        };
+        // Open the root repository now, so a broken tree fails at start-up.
+        if app.writer.is_some() {
+            app.committer(None)?;
+        }
+        Ok(app)
+    }
+
+    /// The committer of the root repository (`org` = None) or of an
+    /// organization's, opening its publisher on first use.
+    pub fn committer(&self, org: Option<&RepoName>) -> Result<Arc<Committer>, PublishError> {
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| PublishError::Invalid("this registry is read-only".into()))?;
+        let mut map = w.committers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&org.cloned()) {
+            return Ok(c.clone());
+        }
+        let (repo, layout) = match org {
+            Some(o) => (o.clone(), Layout::organization(o)),
+            None => (self.repository.clone(), Layout::root()),
+        };
+        let publisher = Publisher::open(
+            w.store.clone(),
+            w.signer.clone(),
+            repo,
+            layout,
+            w.options.clone(),
+        )?;
+        let c = Arc::new(Committer::start(Arc::new(publisher)));
+        map.insert(org.cloned(), c.clone());
+        Ok(c)
+    }
+}
+
+/// The route table.
+pub fn router(state: AppState) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods(Any)
+        .allow_headers(Any);
+    let api = Router::new()
+        .route("/health", get(handlers::health))
+        .route("/v1/search", get(handlers::packages::search))
+        .route("/repos/{org}/v1/search", get(handlers::packages::search))
+        .route(
+            "/v1/auth/keys",
+            post(handlers::keys::create_key).get(handlers::keys::list_keys),
+        )
+        .route(
+            "/v1/auth/keys/{id}",
+            axum::routing::delete(handlers::keys::revoke_key),
+        )
+        .route(
+            "/v1/auth/publisher-key",
+            post(handlers::keys::register_publisher_key),
+        )
+        .route("/v1/auth/check", get(handlers::keys::check_pull))
+        .route(
+            "/v1/packages/{name}/tags",
+            post(handlers::packages::set_tag).get(files::serve_tree),
+        )
+        .route(
+            "/repos/{org}/v1/packages/{name}/tags",
+            post(handlers::packages::set_tag).get(files::serve_tree),
+        )
+        .route(
+            "/v1/packages/{name}/{version}/{arch}",
+            axum::routing::delete(handlers::packages::delete_artifact),
+        )
+        .route(
+            "/repos/{org}/v1/packages/{name}/{version}/{arch}",
+            axum::routing::delete(handlers::packages::delete_artifact),
+        )
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            state.settings.request_timeout,
+        ));
+    // Uploads stream with their own size limit and idle timeout. The GETs of
+    // the same paths are the downloads, files of the tree.
+    let uploads = Router::new()
+        .route(
+            "/v1/packages/{name}/{version}/{arch}",
+            post(handlers::packages::upload).get(files::serve_tree),
+        )
+        .route(
+            "/repos/{org}/v1/packages/{name}/{version}/{arch}",
+            post(handlers::packages::upload).get(files::serve_tree),
+        )
+        .layer(DefaultBodyLimit::disable());
+    Router::new()
+        .merge(api)
+        .merge(uploads)
+        .fallback(get(files::serve_tree))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::authenticate,
+        ))
+        .layer(axum::middleware::from_fn(middleware::log_request))
+        .layer(cors)
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
