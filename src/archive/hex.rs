@@ -9,13 +9,13 @@
 //! `contents.tar.gz` (the order hex_core and mix write), so the inner checksum
 //! can be computed while `contents.tar.gz` streams past instead of buffering it.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, BufReader, Read};
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use sha2::{Digest, Sha256};
 
 use super::hex_metadata::{parse_metadata, HexMetadata};
-use super::safe::{self, EntryChecker, EntryKind, UnpackLimit};
+use super::safe::{self, EntryChecker, EntryKind, TarGuard, UnpackLimit};
 use super::{ArchiveError, ArchiveInfo, ArchiveKind, Dependency};
 use crate::ident::{Arch, PackageName, Version};
 use crate::limits::Limits;
@@ -58,7 +58,7 @@ impl HexTarball {
 
 /// Reads the outer tar. `reader` yields the raw file bytes.
 pub fn read(reader: impl Read, limits: &Limits) -> Result<HexTarball, ArchiveError> {
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(TarGuard::new(reader));
     let mut outer = EntryChecker::new(limits);
     let mut version_file: Option<Vec<u8>> = None;
     let mut checksum_file: Option<Vec<u8>> = None;
@@ -132,7 +132,11 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<HexTarball, ArchiveErr
     // tarballs); do the same so every tarball it accepts is accepted here.
     let text: std::borrow::Cow<'_, str> = match std::str::from_utf8(&metadata_file) {
         Ok(t) => t.into(),
-        Err(_) => metadata_file.iter().map(|&b| b as char).collect::<String>().into(),
+        Err(_) => metadata_file
+            .iter()
+            .map(|&b| b as char)
+            .collect::<String>()
+            .into(),
     };
     let meta = parse_metadata(&text).map_err(|e| ArchiveError::Invalid {
         file: "metadata.config",
@@ -167,13 +171,15 @@ fn check_contents(
     hasher: &mut Sha256,
     limits: &Limits,
 ) -> Result<(), ArchiveError> {
-    let tee = TeeHash {
-        inner: entry,
-        hasher,
-    };
+    let tee = BufReader::with_capacity(
+        64 * 1024,
+        TeeHash {
+            inner: entry,
+            hasher,
+        },
+    );
     let gz = GzDecoder::new(tee);
-    // Tar headers count against the unpacked budget too: bound the raw stream.
-    let bounded = UnpackLimit::new(gz, limits.max_unpacked.saturating_add(1 << 20));
+    let bounded = TarGuard::new(UnpackLimit::new(gz, limits.max_unpacked));
     let mut inner_tar = tar::Archive::new(bounded);
     let mut checker = EntryChecker::new(limits);
     {
@@ -185,16 +191,25 @@ fn check_contents(
                     path: format!("contents.tar.gz:{path}"),
                     reason,
                 },
+                ArchiveError::DuplicateEntry { path } => ArchiveError::DuplicateEntry {
+                    path: format!("contents.tar.gz:{path}"),
+                },
                 other => other,
             })?;
         }
     }
-    // Finish the gzip stream (its CRC is checked at the end) and hash any bytes
-    // the tar reader did not need.
+    // Finish the gzip stream (its CRC is checked at the end), then refuse
+    // anything after it: a second gzip member would be unpacked by clients
+    // as more files that were never checked here.
     let mut bounded = inner_tar.into_inner();
     io::copy(&mut bounded, &mut io::sink()).map_err(contents_error)?;
-    let mut tee = bounded.into_inner().into_inner();
-    io::copy(&mut tee, &mut io::sink()).map_err(safe::io_error)?;
+    let mut rest = bounded.into_inner().into_inner().into_inner();
+    if !rest.fill_buf().map_err(contents_error)?.is_empty() {
+        return Err(ArchiveError::Invalid {
+            file: "contents.tar.gz",
+            reason: "trailing data after the gzip stream".into(),
+        });
+    }
     Ok(())
 }
 

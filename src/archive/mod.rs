@@ -97,8 +97,6 @@ pub enum ArchiveError {
     MetadataTooLarge { file: String, limit: u64 },
     #[error("archive is empty")]
     Empty,
-    #[error("not a Hex tarball or a .niso archive (neither tar nor gzip)")]
-    UnknownFormat,
     #[error("unsafe entry {path:?}: {reason}")]
     UnsafeEntry { path: String, reason: &'static str },
     #[error("entry {path:?} appears twice")]

@@ -28,13 +28,13 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use serde::{Deserialize, Serialize};
 
-use super::safe::{self, EntryChecker, EntryKind, UnpackLimit};
+use super::safe::{self, EntryChecker, EntryKind, TarGuard, UnpackLimit};
 use super::{ArchiveError, ArchiveInfo, ArchiveKind, Runtime};
 use crate::ident::{Arch, PackageName, Version};
 use crate::limits::Limits;
@@ -176,8 +176,10 @@ impl NisoArchive {
 
 /// Reads a `.niso` archive from its raw (gzip) bytes.
 pub fn read(reader: impl Read, limits: &Limits) -> Result<NisoArchive, ArchiveError> {
-    let gz = GzDecoder::new(reader);
-    let bounded = UnpackLimit::new(gz, limits.max_unpacked.saturating_add(1 << 20));
+    // bufread's decoder leaves unread input in the BufReader (the read one
+    // would swallow up to 32 KiB of it), so trailing bytes can be seen.
+    let gz = GzDecoder::new(BufReader::with_capacity(64 * 1024, reader));
+    let bounded = TarGuard::new(UnpackLimit::new(gz, limits.max_unpacked));
     let mut archive = tar::Archive::new(bounded);
     let mut checker = EntryChecker::new(limits);
     let mut manifest: Option<Manifest> = None;
@@ -195,12 +197,13 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<NisoArchive, ArchiveEr
                         reason: format!("the first entry must be {MANIFEST}"),
                     });
                 }
-                let bytes = safe::read_small(&mut entry, MANIFEST, limits.max_metadata)?;
+                let bytes = safe::read_small(&mut entry, MANIFEST, limits.max_metadata)
+                    .map_err(reclassify)?;
                 manifest = Some(Manifest::parse(&bytes)?);
                 continue;
             }
             if path == README && position == 2 && kind == EntryKind::File {
-                safe::read_small(&mut entry, README, limits.max_metadata)?;
+                safe::read_small(&mut entry, README, limits.max_metadata).map_err(reclassify)?;
                 continue;
             }
             match path.strip_prefix("payload") {
@@ -221,12 +224,13 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<NisoArchive, ArchiveEr
             }
         }
     }
-    // Finish the gzip stream so its CRC is checked, and refuse bytes after it.
+    // Finish the gzip stream so its CRC is checked, and refuse bytes after
+    // it: a second gzip member would be read by `tar xzf` as more entries
+    // that were never checked here.
     let mut bounded = archive.into_inner();
     io::copy(&mut bounded, &mut io::sink()).map_err(gz_error)?;
-    let mut raw = bounded.into_inner().into_inner();
-    let mut probe = [0u8; 1];
-    if raw.read(&mut probe).map_err(safe::io_error)? != 0 {
+    let mut raw = bounded.into_inner().into_inner().into_inner();
+    if !raw.fill_buf().map_err(safe::io_error)?.is_empty() {
         return Err(ArchiveError::TrailingData);
     }
     let manifest = manifest.ok_or(ArchiveError::Missing(MANIFEST))?;
@@ -237,6 +241,15 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<NisoArchive, ArchiveEr
         )));
     }
     Ok(NisoArchive { manifest })
+}
+
+/// A read failure inside the gzip stream is a broken archive, not an I/O
+/// problem of ours.
+fn reclassify(e: ArchiveError) -> ArchiveError {
+    match e {
+        ArchiveError::Io(e) => gz_error(e),
+        other => other,
+    }
 }
 
 fn gz_error(e: io::Error) -> ArchiveError {
@@ -341,7 +354,7 @@ pub fn create(
                 source: e.into(),
             })?;
             let mode = if is_executable(&meta) { 0o755 } else { 0o644 };
-            let mut header = tar::Header::new_ustar();
+            let mut header = owned_by_root();
             header.set_size(meta.len());
             header.set_mode(mode);
             header.set_entry_type(tar::EntryType::Regular);
@@ -382,13 +395,21 @@ fn inspect_created(path: &Path, limits: &Limits) -> Result<(), PackageError> {
     Ok(())
 }
 
+/// A ustar header owned by uid/gid 0 (left empty, some readers fail).
+fn owned_by_root() -> tar::Header {
+    let mut header = tar::Header::new_ustar();
+    header.set_uid(0);
+    header.set_gid(0);
+    header
+}
+
 fn append_file<W: Write>(
     b: &mut tar::Builder<W>,
     name: &str,
     bytes: &[u8],
     mode: u32,
 ) -> io::Result<()> {
-    let mut header = tar::Header::new_ustar();
+    let mut header = owned_by_root();
     header.set_size(bytes.len() as u64);
     header.set_mode(mode);
     header.set_entry_type(tar::EntryType::Regular);
@@ -397,7 +418,7 @@ fn append_file<W: Write>(
 }
 
 fn append_dir<W: Write>(b: &mut tar::Builder<W>, name: &str) -> io::Result<()> {
-    let mut header = tar::Header::new_ustar();
+    let mut header = owned_by_root();
     header.set_size(0);
     header.set_mode(0o755);
     header.set_entry_type(tar::EntryType::Directory);

@@ -23,6 +23,7 @@ struct LimitExceeded(ArchiveErrorKind);
 enum ArchiveErrorKind {
     Archive(u64),
     Unpacked(u64),
+    Extension(u64),
 }
 
 impl std::fmt::Display for LimitExceeded {
@@ -38,6 +39,10 @@ pub fn io_error(e: io::Error) -> ArchiveError {
         return match *kind {
             ArchiveErrorKind::Archive(limit) => ArchiveError::TooLarge { limit },
             ArchiveErrorKind::Unpacked(limit) => ArchiveError::UnpackedTooLarge { limit },
+            ArchiveErrorKind::Extension(limit) => ArchiveError::MetadataTooLarge {
+                file: "a tar long-name or pax header".into(),
+                limit,
+            },
         };
     }
     ArchiveError::Io(e)
@@ -85,8 +90,13 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Fails once more than `limit` bytes have been read: wraps decompressors so
-/// a gzip bomb stops at the limit instead of filling memory or disk.
+/// Slack above `max_unpacked` for tar headers and padding, which count
+/// against the decompressed stream but not against the entries' sizes.
+const HEADER_SLACK: u64 = 1 << 20;
+
+/// Fails once the decompressed stream passes `limit` (plus room for tar
+/// headers): wraps decompressors so a gzip bomb stops at the limit instead of
+/// filling memory or disk. The error names `limit`, the configured bound.
 pub struct UnpackLimit<R> {
     inner: R,
     count: u64,
@@ -111,10 +121,137 @@ impl<R: Read> Read for UnpackLimit<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.count += n as u64;
-        if self.count > self.limit {
+        if self.count > self.limit.saturating_add(HEADER_SLACK) {
             return Err(io::Error::other(LimitExceeded(ArchiveErrorKind::Unpacked(
                 self.limit,
             ))));
+        }
+        Ok(n)
+    }
+}
+
+/// Largest GNU long-name or pax extension block accepted. Paths over 255
+/// bytes are refused anyway; this only has to hold a few records.
+pub const MAX_EXTENSION: u64 = 64 * 1024;
+
+/// Watches the tar framing as it passes and refuses an oversized GNU
+/// long-name (`L`/`K`) or pax (`x`/`g`) block *before* the tar reader buffers
+/// it whole: without this, a 50 KiB gzip could make the reader allocate
+/// gigabytes for one "file name".
+pub struct TarGuard<R> {
+    inner: R,
+    header: [u8; 512],
+    filled: usize,
+    /// Bytes of the current entry's data (with padding) still to pass.
+    data_left: u64,
+    /// Data of a pax block being collected, and its unpadded length.
+    pax: Option<(Vec<u8>, u64)>,
+    /// A pax `size` record that applies to the next entry.
+    next_size: Option<u64>,
+}
+
+impl<R: Read> TarGuard<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            header: [0; 512],
+            filled: 0,
+            data_left: 0,
+            pax: None,
+            next_size: None,
+        }
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    fn on_header(&mut self) -> io::Result<()> {
+        if self.header.iter().all(|b| *b == 0) {
+            return Ok(());
+        }
+        let h = tar::Header::from_byte_slice(&self.header);
+        let size = match self.next_size.take() {
+            Some(s) => s,
+            None => h.size()?,
+        };
+        let ty = h.entry_type();
+        let is_extension = matches!(
+            ty,
+            tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+                | tar::EntryType::XHeader
+                | tar::EntryType::XGlobalHeader
+        );
+        if is_extension && size > MAX_EXTENSION {
+            return Err(io::Error::other(LimitExceeded(
+                ArchiveErrorKind::Extension(MAX_EXTENSION),
+            )));
+        }
+        if ty == tar::EntryType::XHeader {
+            self.pax = Some((Vec::with_capacity(size as usize), size));
+        }
+        self.data_left = size.div_ceil(512).saturating_mul(512);
+        if self.data_left == 0 {
+            self.finish_pax();
+        }
+        Ok(())
+    }
+
+    fn finish_pax(&mut self) {
+        if let Some((data, _)) = self.pax.take() {
+            self.next_size = pax_size(&data);
+        }
+    }
+}
+
+/// The `size` record of a pax extended header, if any.
+fn pax_size(mut data: &[u8]) -> Option<u64> {
+    let mut size = None;
+    // Records are "LEN key=value\n", LEN counting the whole record.
+    while !data.is_empty() {
+        let space = data.iter().position(|b| *b == b' ')?;
+        let len: usize = std::str::from_utf8(&data[..space]).ok()?.parse().ok()?;
+        if len <= space || len > data.len() {
+            return size;
+        }
+        let record = &data[space + 1..len];
+        if let Some(v) = record.strip_prefix(b"size=") {
+            let v = v.strip_suffix(b"\n").unwrap_or(v);
+            size = std::str::from_utf8(v).ok()?.parse().ok();
+        }
+        data = &data[len..];
+    }
+    size
+}
+
+impl<R: Read> Read for TarGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.data_left > 0 {
+            let want = buf
+                .len()
+                .min(self.data_left.min(usize::MAX as u64) as usize);
+            let n = self.inner.read(&mut buf[..want])?;
+            self.data_left -= n as u64;
+            if let Some((data, len)) = self.pax.as_mut() {
+                let keep = (*len as usize).saturating_sub(data.len()).min(n);
+                data.extend_from_slice(&buf[..keep]);
+            }
+            if self.data_left == 0 {
+                self.finish_pax();
+            }
+            return Ok(n);
+        }
+        let want = buf.len().min(512 - self.filled);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.header[self.filled..self.filled + n].copy_from_slice(&buf[..n]);
+        self.filled += n;
+        if self.filled == 512 {
+            self.filled = 0;
+            self.on_header()?;
         }
         Ok(n)
     }
@@ -176,7 +313,8 @@ impl EntryChecker {
             _ => return Err(unsafe_entry(&path, "unsupported entry type")),
         };
         let clean = check_path(&path)?;
-        let size = entry.header().size().map_err(ArchiveError::Io)?;
+        // entry.size() includes a pax `size` override; the raw header may say 0.
+        let size = entry.size();
         self.total = self.total.saturating_add(size);
         if self.total > self.limits.max_unpacked {
             return Err(ArchiveError::UnpackedTooLarge {
@@ -281,8 +419,15 @@ mod tests {
     }
 
     #[test]
+    fn pax_size_records_are_read() {
+        assert_eq!(pax_size(b"11 size=42\n"), Some(42));
+        assert_eq!(pax_size(b"18 path=a/long/nm\n10 size=7\n"), Some(7));
+        assert_eq!(pax_size(b"garbage"), None);
+    }
+
+    #[test]
     fn unpack_limit_stops_reading() {
-        let data = vec![0u8; 100];
+        let data = vec![0u8; 100 + HEADER_SLACK as usize];
         let mut r = UnpackLimit::new(data.as_slice(), 50);
         let e = io::copy(&mut r, &mut io::sink()).unwrap_err();
         assert!(matches!(

@@ -251,7 +251,7 @@ impl KeyStore {
         let mut stmt = conn
             .prepare(
                 "SELECT id, name, scopes, created_at, last_used, publisher_key FROM api_keys
-                 WHERE revoked_at IS NULL ORDER BY created_at, id",
+                 WHERE revoked_at IS NULL ORDER BY created_at, rowid",
             )
             .map_err(self.db())?;
         let rows = stmt

@@ -107,3 +107,95 @@ pub fn hex_client_check(tree: &Path, repo: &str, public_key: &Path) -> (bool, St
         });
     (out.status.success(), text(&out))
 }
+
+/// A `niso registry serve` child process on 127.0.0.1 with an OS-chosen port.
+pub struct Server {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub admin: String,
+}
+
+pub const ADMIN_KEY: &str = "niso_k1_TestAdminKey00000000000000000000";
+
+impl Server {
+    /// Starts a server on a new data directory under `dir`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_on(&dir.join("data"), extra)
+    }
+
+    pub fn start_on(data_dir: &Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_niso"))
+            .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(["--name", "acme"])
+            .args(extra)
+            .env("NISO_ADMIN_KEY", ADMIN_KEY)
+            .env("NISO_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start niso registry serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("Listening at http://") {
+                        break a.trim().to_string();
+                    }
+                    seen.push(line);
+                }
+                _ => {
+                    let _ = child.kill();
+                    panic!("server exited before listening:\n{}", seen.join("\n"));
+                }
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            admin: ADMIN_KEY.to_string(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn tree(&self) -> PathBuf {
+        self.data_dir.join("public")
+    }
+
+    /// `niso registry verify` on the served tree must find nothing wrong.
+    pub fn assert_tree_verifies(&self) {
+        let key = self.tree().join("public_key");
+        let out = niso(&[
+            "registry",
+            "verify",
+            p(&self.data_dir),
+            "--public-key",
+            p(&key),
+            "--name",
+            "acme",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "tree does not verify:\n{}",
+            text(&out)
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
