@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Requests a minute allowed per client IP without a key (0: no limit).
     #[arg(long, default_value_t = 1200)]
     rate_limit_ip: u32,
+    /// Behind a reverse proxy (nginx): rate-limit by the client address in
+    /// X-Forwarded-For instead of the proxy's.
+    #[arg(long)]
+    trust_proxy: bool,
 }
 
 impl ServeArgs {
@@ -67,6 +71,7 @@ impl ServeArgs {
             rate_limit_key: self.rate_limit_key,
             rate_limit_ip: self.rate_limit_ip,
             read_only: self.read_only,
+            trust_proxy: self.trust_proxy,
             ..Settings::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -52,11 +52,21 @@ pub fn presented_key(headers: &HeaderMap) -> Result<Option<ApiKey>, ApiError> {
 }
 
 pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    let forwarded = app
+        .settings
+        .trust_proxy
+        .then(|| req.headers().get("x-forwarded-for"))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        // The proxy appends the address it saw last.
+        .and_then(|v| v.rsplit(',').next())
+        .map(|v| v.trim().to_string());
+    let ip = forwarded.unwrap_or_else(|| {
+        req.extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_string())
+            .unwrap_or_else(|| "unknown".into())
+    });
     let caller = match resolve(&app, req.headers()).await {
         Ok(c) => c,
         Err(e) => return e.into_response(),

@@ -55,6 +55,9 @@ pub struct Settings {
     pub upload_idle_timeout: Duration,
     /// Serve only the tree: no uploads, deletes, tags or key management.
     pub read_only: bool,
+    /// Take the client address from `X-Forwarded-For` (behind nginx, every
+    /// request comes from the proxy's address).
+    pub trust_proxy: bool,
 }
 
 impl Default for Settings {
@@ -66,6 +69,7 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(30),
             upload_idle_timeout: Duration::from_secs(60),
             read_only: false,
+            trust_proxy: false,
         }
     }
 }
