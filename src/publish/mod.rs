@@ -273,81 +273,120 @@ impl Publisher {
     /// the shared index write fails them all.
     pub fn publish_batch(&self, uploads: Vec<Upload>) -> Vec<Result<Published, PublishError>> {
         let mut state = self.lock();
-        let mut results: Vec<Result<Published, PublishError>> = Vec::with_capacity(uploads.len());
-        let mut touched = BTreeSet::new();
-        let mut undo: Vec<(String, Option<pb::Package>)> = Vec::new();
-        for upload in uploads {
-            let r = self.add_artifact(&mut state, &upload, &mut undo);
-            if r.is_ok() {
-                touched.insert(upload.info.name.to_string());
+        let mut results: Vec<Option<Result<Published, PublishError>>> =
+            uploads.iter().map(|_| None).collect();
+
+        // 1. Check every upload against the repository and the uploads before
+        //    it in the batch, on copies of the packages they touch.
+        let mut scratch: BTreeMap<String, pb::Package> = BTreeMap::new();
+        let mut candidates = Vec::new();
+        for (i, up) in uploads.iter().enumerate() {
+            match self.stage_artifact(&state.packages, &mut scratch, up) {
+                Ok(()) => candidates.push(i),
+                Err(e) => results[i] = Some(Err(e)),
             }
-            results.push(r);
         }
-        if touched.is_empty() {
-            return results;
-        }
-        if let Err(e) = self.write_packages(&mut state, &touched, Vec::new()) {
-            // Put the in-memory model back: the archives may be on disk but no
-            // index names them, so a retry of the same upload will conflict
-            // only on the archive file, which rebuild reconciles.
-            for (name, old) in undo.into_iter().rev() {
-                match old {
-                    Some(p) => state.packages.insert(name, p),
-                    None => state.packages.remove(&name),
-                };
+        // 2. Archives before any index names them: all in one batch.
+        let mut puts = Vec::with_capacity(candidates.len());
+        for &i in &candidates {
+            match self.layout.path(&uploads[i].info.tree_path()) {
+                Ok(p) => puts.push((p, uploads[i].staged.clone())),
+                Err(e) => results[i] = Some(Err(e.into())),
             }
-            let msg = e.to_string();
-            return results
-                .into_iter()
-                .map(|r| {
-                    r.and(Err(PublishError::Invalid(format!(
-                        "index write failed: {msg}"
-                    ))))
+        }
+        candidates.retain(|i| results[*i].is_none());
+        let mut stored = Vec::with_capacity(candidates.len());
+        for (&i, r) in candidates.iter().zip(self.store.put_archives(&puts)) {
+            match r {
+                Ok(()) => stored.push(i),
+                Err(StoreError::AlreadyExists { .. }) => {
+                    let info = &uploads[i].info;
+                    results[i] = Some(Err(PublishError::Conflict(format!(
+                        "{} {} ({}) is already published",
+                        info.name, info.version, info.arch
+                    ))));
+                }
+                Err(e) => results[i] = Some(Err(e.into())),
+            }
+        }
+        if stored.len() < candidates.len() {
+            // Some archives were refused by the store: redo the merge with
+            // only the stored ones (fewer uploads can only conflict less).
+            scratch.clear();
+            for &i in &stored {
+                if let Err(e) = self.stage_artifact(&state.packages, &mut scratch, &uploads[i]) {
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
+        // 3. One rewrite of the touched packages and the global indexes.
+        if !scratch.is_empty() {
+            let touched: BTreeSet<String> = scratch.keys().cloned().collect();
+            let mut undo = Vec::with_capacity(scratch.len());
+            for (name, pkg) in scratch {
+                undo.push((name.clone(), state.packages.insert(name, pkg)));
+            }
+            if let Err(e) = self.write_packages(&mut state, &touched, Vec::new()) {
+                for (name, old) in undo {
+                    match old {
+                        Some(p) => state.packages.insert(name, p),
+                        None => state.packages.remove(&name),
+                    };
+                }
+                let msg = e.to_string();
+                for &i in &stored {
+                    results[i].get_or_insert_with(|| {
+                        Err(PublishError::Invalid(format!("index write failed: {msg}")))
+                    });
+                }
+            }
+        }
+        uploads
+            .iter()
+            .zip(results)
+            .map(|(up, r)| {
+                r.unwrap_or_else(|| {
+                    let info = &up.info;
+                    Ok(Published {
+                        name: info.name.clone(),
+                        version: info.version.clone(),
+                        arch: info.arch.clone(),
+                        path: self.layout.path(&info.tree_path())?,
+                        sha256: info.sha256,
+                        size: info.size,
+                    })
                 })
-                .collect();
-        }
-        results
+            })
+            .collect()
     }
 
-    fn add_artifact(
+    /// Merges one upload into `scratch` (copies of the packages a batch
+    /// touches), leaving `scratch` unchanged if it is refused.
+    fn stage_artifact(
         &self,
-        state: &mut State,
+        packages: &BTreeMap<String, pb::Package>,
+        scratch: &mut BTreeMap<String, pb::Package>,
         upload: &Upload,
-        undo: &mut Vec<(String, Option<pb::Package>)>,
-    ) -> Result<Published, PublishError> {
+    ) -> Result<(), PublishError> {
         let info = &upload.info;
         let name = info.name.as_str();
-        check_confusable(&state.packages, &info.name)?;
-        let previous = state.packages.get(name).cloned();
-        let mut pkg = previous.clone().unwrap_or_else(|| pb::Package {
-            name: name.to_string(),
-            repository: self.repository.to_string(),
-            ..Default::default()
-        });
+        if !packages.contains_key(name) && !scratch.contains_key(name) {
+            check_confusable(packages, &info.name)?;
+            check_confusable(scratch, &info.name)?;
+        }
+        let mut pkg = match scratch.get(name).or_else(|| packages.get(name)) {
+            Some(p) => p.clone(),
+            None => pb::Package {
+                name: name.to_string(),
+                repository: self.repository.to_string(),
+                ..Default::default()
+            },
+        };
         let artifact = artifact_from(info, upload.uploaded_at, upload.signature.as_ref());
         merge_artifact(&mut pkg, info, artifact)?;
         render::normalize(&mut pkg);
-
-        let path = self.layout.path(&info.tree_path())?;
-        self.store
-            .put_archive(&path, &upload.staged)
-            .map_err(|e| match e {
-                StoreError::AlreadyExists { .. } => PublishError::Conflict(format!(
-                    "{} {} ({}) is already published",
-                    info.name, info.version, info.arch
-                )),
-                other => other.into(),
-            })?;
-        undo.push((name.to_string(), previous));
-        state.packages.insert(name.to_string(), pkg);
-        Ok(Published {
-            name: info.name.clone(),
-            version: info.version.clone(),
-            arch: info.arch.clone(),
-            path,
-            sha256: info.sha256,
-            size: info.size,
-        })
+        scratch.insert(name.to_string(), pkg);
+        Ok(())
     }
 
     /// Removes one artifact; a release without artifacts disappears, with the
@@ -647,7 +686,7 @@ impl Publisher {
 
         // Everything that is not an archive is derived: render it all, write
         // what differs, remove what no longer belongs.
-        let rendered = self.render_all(&packages)?;
+        let rendered = self.render_all(&packages, &state)?;
         let mut existing: BTreeSet<TreePath> = self
             .store
             .list(&self.layout.dir(layout::PACKAGES_DIR))?
@@ -659,6 +698,8 @@ impl Publisher {
         let mut digests = BTreeMap::new();
         for (name, ops, digest) in rendered {
             digests.insert(format!("{}/{name}", layout::PACKAGES_DIR), digest);
+            // Kept even when unchanged and so not rendered again.
+            keep.insert(self.layout.package(&PackageName::new(&name)?)?);
             for op in ops {
                 keep.insert(op.path().clone());
                 if self.unchanged(&op)? {
@@ -779,27 +820,40 @@ impl Publisher {
     }
 
     /// Renders every package, signing on several threads: RSA signatures are
-    /// most of a rebuild's CPU time.
+    /// most of a rebuild's CPU time. A package whose content equals the
+    /// current (verified) index is not signed again: its index stays as it is.
     #[allow(clippy::type_complexity)]
     fn render_all(
         &self,
         packages: &BTreeMap<String, pb::Package>,
+        current: &State,
     ) -> Result<Vec<(String, Vec<Op>, Digest256)>, PublishError> {
         let list: Vec<&pb::Package> = packages.values().collect();
         let workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .min(8);
         let chunk = list.len().div_ceil(workers).max(1);
+        let render = |p: &pb::Package| -> Result<(String, Vec<Op>, Digest256), PublishError> {
+            let path = format!("{}/{}", layout::PACKAGES_DIR, p.name);
+            if current.packages.get(&p.name) == Some(p) {
+                if let Some(d) = current.digests.get(&path) {
+                    return Ok((
+                        p.name.clone(),
+                        render::v1_files(&self.layout, p)?,
+                        d.clone(),
+                    ));
+                }
+            }
+            let (ops, d) = render::package_files(&self.layout, p, self.signer.as_ref())?;
+            Ok((p.name.clone(), ops, d))
+        };
         std::thread::scope(|s| {
             let handles: Vec<_> = list
                 .chunks(chunk)
                 .map(|part| {
                     s.spawn(move || {
                         part.iter()
-                            .map(|p| {
-                                render::package_files(&self.layout, p, self.signer.as_ref())
-                                    .map(|(ops, d)| (p.name.clone(), ops, d))
-                            })
+                            .map(|p| render(p))
                             .collect::<Result<Vec<_>, _>>()
                     })
                 })

@@ -68,11 +68,21 @@ pub fn package_files(
     pkg: &pb::Package,
     signer: &dyn Signer,
 ) -> Result<(Vec<Op>, Digest256), PublishError> {
-    let name = PackageName::new(&pkg.name)?;
-    let mut ops = Vec::new();
-
     let index = encode_index(pkg, signer)?;
     let digest = Digest256::of(&index);
+    let mut ops = v1_files(layout, pkg)?;
+    // The signed index last within the stage, after the files it describes.
+    ops.push(Op::Put {
+        path: layout.package(&PackageName::new(&pkg.name)?)?,
+        bytes: index,
+    });
+    Ok((ops, digest))
+}
+
+/// The `v1/` documents and archive links of one package.
+pub fn v1_files(layout: &Layout, pkg: &pb::Package) -> Result<Vec<Op>, PublishError> {
+    let name = PackageName::new(&pkg.name)?;
+    let mut ops = Vec::new();
 
     let mut entries = Vec::new();
     for r in &pkg.releases {
@@ -152,12 +162,7 @@ pub fn package_files(
                 .collect(),
         }),
     });
-    // The signed index last within the stage, after the files it describes.
-    ops.push(Op::Put {
-        path: layout.package(&name)?,
-        bytes: index,
-    });
-    Ok((ops, digest))
+    Ok(ops)
 }
 
 /// `versions`, `names` and `v1/packages/index.json` for the whole repository.

@@ -35,14 +35,19 @@ impl LocalStore {
         self.root.join(path.as_str())
     }
 
-    fn ensure_parent(&self, full: &Path) -> Result<PathBuf, StoreError> {
+    /// Creates `full`'s directory if needed. New directories are added to
+    /// `dirs` with their parents, whose entries must then be synced.
+    fn ensure_parent(
+        &self,
+        full: &Path,
+        dirs: &mut BTreeSet<PathBuf>,
+    ) -> Result<PathBuf, StoreError> {
         let parent = full.parent().unwrap_or(&self.root).to_path_buf();
         if !parent.is_dir() {
             fs::create_dir_all(&parent).map_err(io_err("create directory", &parent))?;
-            // Make the new directories' entries durable in their parents.
             let mut dir = parent.as_path();
             while let Some(up) = dir.parent() {
-                sync_dir(up)?;
+                dirs.insert(up.to_path_buf());
                 if up == self.root || !up.starts_with(&self.root) {
                     break;
                 }
@@ -52,24 +57,89 @@ impl LocalStore {
         Ok(parent)
     }
 
-    /// Writes `bytes` to a temp file beside `full`; returns the temp file.
+    /// Writes `bytes` to a temp file beside `full` (not yet synced).
     fn stage_bytes(
         &self,
         full: &Path,
         bytes: &[u8],
-        sync: bool,
+        dirs: &mut BTreeSet<PathBuf>,
     ) -> Result<tempfile::TempPath, StoreError> {
-        let parent = self.ensure_parent(full)?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+        let parent = self.ensure_parent(full, dirs)?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".tmp-");
+        // Served files must be world-readable so a web server running as
+        // another user can serve them (temp files default to 0600).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(fs::Permissions::from_mode(0o644));
+        }
+        let mut tmp = builder
             .tempfile_in(&parent)
             .map_err(io_err("create temp file in", &parent))?;
         tmp.write_all(bytes).map_err(io_err("write", full))?;
-        if sync {
-            tmp.as_file().sync_all().map_err(io_err("sync", full))?;
-        }
-        set_readable(tmp.as_file(), full)?;
         Ok(tmp.into_temp_path())
+    }
+
+    /// Links a staged archive into place, failing if the path exists.
+    fn link_new(
+        &self,
+        path: &TreePath,
+        staged: &Path,
+        dirs: &mut BTreeSet<PathBuf>,
+    ) -> Result<(), StoreError> {
+        let full = self.full(path);
+        let parent = self.ensure_parent(&full, dirs)?;
+        let exists = || StoreError::AlreadyExists {
+            path: path.to_string(),
+        };
+        // link(2) fails with EEXIST if the target exists: an atomic create,
+        // so exactly one of two racing uploads wins.
+        match fs::hard_link(staged, &full) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+            Err(e) if is_cross_device(&e) => {
+                // Staging on another file system: copy to a temp file here,
+                // then link that into place (still an atomic create).
+                let tmp = tempfile::Builder::new()
+                    .prefix(".tmp-")
+                    .tempfile_in(&parent)
+                    .map_err(io_err("create temp file in", &parent))?;
+                fs::copy(staged, tmp.path()).map_err(io_err("copy", staged))?;
+                tmp.as_file().sync_all().map_err(io_err("sync", &full))?;
+                match fs::hard_link(tmp.path(), &full) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+                    Err(e) => return Err(io_err("link", &full)(e)),
+                }
+            }
+            Err(e) => return Err(io_err("link", &full)(e)),
+        }
+        set_readable_path(&full)?;
+        dirs.insert(parent);
+        Ok(())
+    }
+
+    /// Makes files or directories durable: one `syncfs` for many, otherwise
+    /// one fsync each, on parallel threads so the file system can fold them
+    /// into one journal commit instead of paying one commit per file.
+    fn sync_all<'a>(&self, paths: impl IntoIterator<Item = &'a Path>) -> Result<(), StoreError> {
+        let paths: Vec<&Path> = paths.into_iter().collect();
+        match paths.len() {
+            0 => Ok(()),
+            1 => sync_path(paths[0]),
+            n if n > SYNCFS_THRESHOLD => sync_filesystem(&self.root),
+            _ => std::thread::scope(|s| {
+                let handles: Vec<_> = paths
+                    .iter()
+                    .map(|p| s.spawn(move || sync_path(p)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| sync_filesystem(&self.root)))
+                    .collect()
+            }),
+        }
     }
 }
 
@@ -88,44 +158,38 @@ impl Store for LocalStore {
         full.try_exists().map_err(io_err("check", &full))
     }
 
-    fn put_archive(&self, path: &TreePath, staged: &Path) -> Result<(), StoreError> {
-        let full = self.full(path);
-        let parent = self.ensure_parent(&full)?;
-        File::open(staged)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err("sync", staged))?;
-        // link(2) fails with EEXIST if the target exists: an atomic create,
-        // so exactly one of two racing uploads wins.
-        match fs::hard_link(staged, &full) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(StoreError::AlreadyExists {
-                    path: path.to_string(),
+    fn put_archives(&self, archives: &[(TreePath, PathBuf)]) -> Vec<Result<(), StoreError>> {
+        // The archives' bytes first (all at once), then the links, then the
+        // directories that got them.
+        if let Err(e) = self.sync_all(archives.iter().map(|(_, staged)| staged.as_path())) {
+            let msg = e.to_string();
+            return archives
+                .iter()
+                .map(|(p, _)| {
+                    Err(StoreError::Io {
+                        action: "sync",
+                        path: p.to_string(),
+                        source: io::Error::other(msg.clone()),
+                    })
                 })
-            }
-            Err(e) if is_cross_device(&e) => {
-                // Staging on another file system: copy to a temp file here,
-                // then link that into place (still an atomic create).
-                let tmp = tempfile::Builder::new()
-                    .prefix(".tmp-")
-                    .tempfile_in(&parent)
-                    .map_err(io_err("create temp file in", &parent))?;
-                fs::copy(staged, tmp.path()).map_err(io_err("copy", staged))?;
-                tmp.as_file().sync_all().map_err(io_err("sync", &full))?;
-                match fs::hard_link(tmp.path(), &full) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        return Err(StoreError::AlreadyExists {
-                            path: path.to_string(),
-                        })
-                    }
-                    Err(e) => return Err(io_err("link", &full)(e)),
-                }
-            }
-            Err(e) => return Err(io_err("link", &full)(e)),
+                .collect();
         }
-        set_readable_path(&full)?;
-        sync_dir(&parent)
+        let mut dirs = BTreeSet::new();
+        let mut results: Vec<Result<(), StoreError>> = archives
+            .iter()
+            .map(|(path, staged)| self.link_new(path, staged, &mut dirs))
+            .collect();
+        if let Err(e) = self.sync_all(dirs.iter().map(PathBuf::as_path)) {
+            let msg = e.to_string();
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(StoreError::Io {
+                    action: "sync",
+                    path: "archive directory".into(),
+                    source: io::Error::other(msg.clone()),
+                });
+            }
+        }
+        results
     }
 
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError> {
@@ -133,25 +197,34 @@ impl Store for LocalStore {
             if stage.is_empty() {
                 continue;
             }
-            let batch = stage.len() > SYNCFS_THRESHOLD;
-            let mut staged: Vec<(Option<tempfile::TempPath>, PathBuf)> =
+            let mut dirs = BTreeSet::new();
+            // ((temp file or None for a removal, final path), holds new bytes)
+            #[allow(clippy::type_complexity)]
+            let mut staged: Vec<((Option<tempfile::TempPath>, PathBuf), bool)> =
                 Vec::with_capacity(stage.len());
             for op in stage {
                 match op {
                     Op::Put { path, bytes } => {
                         let full = self.full(path);
-                        let tmp = self.stage_bytes(&full, bytes, !batch)?;
-                        staged.push((Some(tmp), full));
+                        let tmp = self.stage_bytes(&full, bytes, &mut dirs)?;
+                        staged.push(((Some(tmp), full), true));
                     }
                     Op::Link { from, to } => {
                         let src = self.full(from);
                         let full = self.full(to);
-                        // rename(2) between two links to one inode does
-                        // nothing and leaves the temp name behind: skip.
-                        if same_inode(&src, &full) {
-                            continue;
+                        let parent = self.ensure_parent(&full, &mut dirs)?;
+                        match fs::symlink_metadata(&full) {
+                            // A new path: link(2) creates it atomically.
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                                fs::hard_link(&src, &full).map_err(io_err("link", &full))?;
+                                dirs.insert(parent);
+                                continue;
+                            }
+                            // rename(2) between two links to one inode does
+                            // nothing and leaves the temp name behind: skip.
+                            Ok(_) if same_inode(&src, &full) => continue,
+                            _ => {}
                         }
-                        let parent = self.ensure_parent(&full)?;
                         // Link into a fresh temp name, then rename over the
                         // target: replacing a link is then atomic too.
                         let tmp_path = tempfile::Builder::new()
@@ -159,15 +232,21 @@ impl Store for LocalStore {
                             .make_in(&parent, |p| fs::hard_link(&src, p))
                             .map_err(io_err("link", &full))?
                             .into_temp_path();
-                        staged.push((Some(tmp_path), full));
+                        staged.push(((Some(tmp_path), full), false));
                     }
-                    Op::Remove { path } => staged.push((None, self.full(path))),
+                    Op::Remove { path } => staged.push(((None, self.full(path)), false)),
                 }
             }
-            if batch {
-                sync_filesystem(&self.root)?;
-            }
-            let mut dirs = BTreeSet::new();
+            // Only written bytes need syncing: links share their inode with a
+            // file that is durable already.
+            self.sync_all(
+                staged
+                    .iter()
+                    .filter(|(_, put)| *put)
+                    .filter_map(|((tmp, _), _)| tmp.as_ref().map(|t| t.as_ref())),
+            )?;
+            let staged: Vec<(Option<tempfile::TempPath>, PathBuf)> =
+                staged.into_iter().map(|(s, _)| s).collect();
             for (tmp, full) in staged {
                 match tmp {
                     Some(tmp) => {
@@ -184,9 +263,7 @@ impl Store for LocalStore {
                     dirs.insert(parent.to_path_buf());
                 }
             }
-            for dir in dirs {
-                sync_dir(&dir)?;
-            }
+            self.sync_all(dirs.iter().map(PathBuf::as_path))?;
         }
         Ok(())
     }
@@ -254,11 +331,11 @@ fn is_cross_device(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EXDEV)
 }
 
-/// fsync a directory so renames and new entries in it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
+/// fsync a file, or a directory so renames and new entries in it are durable.
+fn sync_path(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("sync directory", dir))
+        .map_err(io_err("sync", path))
 }
 
 /// One `syncfs(2)` for a whole stage of temp files.

@@ -115,10 +115,21 @@ pub trait Store: Send + Sync {
     /// Whether `path` exists.
     fn exists(&self, path: &TreePath) -> Result<bool, StoreError>;
 
-    /// Adds an immutable archive from a local staged file. Fails with
-    /// [`StoreError::AlreadyExists`] if `path` exists, atomically, so two
-    /// racing uploads of the same file cannot both win.
-    fn put_archive(&self, path: &TreePath, staged: &Path) -> Result<(), StoreError>;
+    /// Adds immutable archives from local staged files, each failing on its
+    /// own with [`StoreError::AlreadyExists`] if its path exists (atomically,
+    /// so two racing uploads of the same file cannot both win). Done as one
+    /// batch so a group commit pays for its durability once.
+    fn put_archives(
+        &self,
+        archives: &[(TreePath, std::path::PathBuf)],
+    ) -> Vec<Result<(), StoreError>>;
+
+    /// [`Store::put_archives`] for one archive.
+    fn put_archive(&self, path: &TreePath, staged: &Path) -> Result<(), StoreError> {
+        self.put_archives(&[(path.clone(), staged.to_path_buf())])
+            .pop()
+            .unwrap_or(Ok(()))
+    }
 
     /// Applies the stages in order; each stage is durable before the next
     /// one starts.
