@@ -136,8 +136,7 @@ impl LocalStore {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| sync_filesystem(&self.root)))
-                    .collect()
+                    .try_for_each(|h| h.join().unwrap_or_else(|_| sync_filesystem(&self.root)))
             }),
         }
     }
