@@ -44,24 +44,46 @@ const GZIP_LEVEL: u32 = 6;
 
 /// Encodes, signs and gzips one index payload.
 pub fn encode_index<M: Message>(message: &M, signer: &dyn Signer) -> Result<Vec<u8>, KeyError> {
-    encode_signed(message.encode_to_vec(), signer)
+    encode_signed(
+        message.encode_to_vec(),
+        signer,
+        Compression::new(GZIP_LEVEL),
+    )
 }
 
-fn encode_signed(payload: Vec<u8>, signer: &dyn Signer) -> Result<Vec<u8>, KeyError> {
+/// Like [`encode_index`], in a gzip container without compression: for the
+/// freshness record, mostly SHA-256 digests that do not compress, where
+/// deflate would cost milliseconds per publish for little gain.
+pub fn encode_index_stored<M: Message>(
+    message: &M,
+    signer: &dyn Signer,
+) -> Result<Vec<u8>, KeyError> {
+    encode_signed(message.encode_to_vec(), signer, Compression::none())
+}
+
+fn encode_signed(
+    payload: Vec<u8>,
+    signer: &dyn Signer,
+    level: Compression,
+) -> Result<Vec<u8>, KeyError> {
     let signature = signer.sign(&payload)?;
     let signed = pb::Signed {
         payload,
         signature: Some(signature),
     };
-    Ok(gzip(&signed.encode_to_vec()))
+    Ok(gzip_with(&signed.encode_to_vec(), level))
 }
 
 /// Deterministic gzip: no mtime, no file name, OS byte "unknown".
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = GzBuilder::new().mtime(0).operating_system(255).write(
-        Vec::with_capacity(bytes.len() / 2 + 64),
-        Compression::new(GZIP_LEVEL),
-    );
+    gzip_with(bytes, Compression::new(GZIP_LEVEL))
+}
+
+fn gzip_with(bytes: &[u8], level: Compression) -> Vec<u8> {
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(Vec::with_capacity(bytes.len() / 2 + 64), level);
     // Writing into a Vec cannot fail.
     enc.write_all(bytes).expect("write to Vec");
     enc.finish().expect("write to Vec")

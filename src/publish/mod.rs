@@ -517,7 +517,13 @@ impl Publisher {
                             .difference(&owned)
                             .map(|p| Op::Remove { path: p.clone() }),
                     );
-                    stage_packages.extend(ops);
+                    // Only what changed: the other releases' documents of a
+                    // package with many versions stay as they are.
+                    for op in ops {
+                        if !self.unchanged(&op)? {
+                            stage_packages.push(op);
+                        }
+                    }
                     new_digests.push((format!("{}/{name}", layout::PACKAGES_DIR), Some(digest)));
                 }
                 None => {
@@ -535,15 +541,43 @@ impl Publisher {
             &state.packages,
             self.signer.as_ref(),
         )?;
-        let mut digests = state.digests.clone();
+        // Update the digests in place (a copy costs O(N) per publish) and
+        // put them back if the write fails.
+        let mut undo: Vec<(String, Option<Digest256>)> = Vec::with_capacity(new_digests.len() + 2);
+        new_digests.push((
+            layout::VERSIONS.into(),
+            Some(Digest256::of(&globals.versions)),
+        ));
+        new_digests.push((layout::NAMES.into(), Some(Digest256::of(&globals.names))));
         for (path, d) in new_digests {
-            match d {
-                Some(d) => digests.insert(path, d),
-                None => digests.remove(&path),
+            let old = match d {
+                Some(d) => state.digests.insert(path.clone(), d),
+                None => state.digests.remove(&path),
             };
+            undo.push((path, old));
         }
-        digests.insert(layout::VERSIONS.into(), Digest256::of(&globals.versions));
-        digests.insert(layout::NAMES.into(), Digest256::of(&globals.names));
+        let written = self.write_globals(state, stage_packages, globals, removals, stale);
+        if written.is_err() {
+            for (path, old) in undo.into_iter().rev() {
+                match old {
+                    Some(d) => state.digests.insert(path, d),
+                    None => state.digests.remove(&path),
+                };
+            }
+        }
+        written
+    }
+
+    /// The stages after the packages: `versions`, `names` (with the key and
+    /// the v1 list), the freshness record, then removals.
+    fn write_globals(
+        &self,
+        state: &mut State,
+        stage_packages: Vec<Op>,
+        globals: render::GlobalFiles,
+        mut removals: Vec<Op>,
+        stale: Vec<Op>,
+    ) -> Result<(), PublishError> {
         let generation = state.generation + 1;
         let now = (self.clock)();
         let fresh = render::freshness(
@@ -551,12 +585,26 @@ impl Publisher {
             generation,
             now,
             now + self.options.freshness_ttl,
-            &digests,
+            &state.digests,
             self.signer.as_ref(),
         )?;
+        let mut names_stage = Vec::with_capacity(3);
+        let key_path = self.layout.path(layout::PUBLIC_KEY)?;
         let public_key = self.signer.public_key().to_pem().into_bytes();
-
-        let mut removals = removals;
+        if self.store.get(&key_path)?.as_deref() != Some(public_key.as_slice()) {
+            names_stage.push(Op::Put {
+                path: key_path,
+                bytes: public_key,
+            });
+        }
+        names_stage.push(Op::Put {
+            path: self.layout.path(layout::NAMES)?,
+            bytes: globals.names,
+        });
+        names_stage.push(Op::Put {
+            path: self.layout.path(layout::V1_INDEX)?,
+            bytes: globals.v1_index,
+        });
         removals.extend(stale);
         let stages = vec![
             stage_packages,
@@ -564,20 +612,7 @@ impl Publisher {
                 path: self.layout.path(layout::VERSIONS)?,
                 bytes: globals.versions,
             }],
-            vec![
-                Op::Put {
-                    path: self.layout.path(layout::PUBLIC_KEY)?,
-                    bytes: public_key,
-                },
-                Op::Put {
-                    path: self.layout.path(layout::NAMES)?,
-                    bytes: globals.names,
-                },
-                Op::Put {
-                    path: self.layout.path(layout::V1_INDEX)?,
-                    bytes: globals.v1_index,
-                },
-            ],
+            names_stage,
             vec![Op::Put {
                 path: self.layout.path(layout::FRESHNESS)?,
                 bytes: fresh,
@@ -585,7 +620,6 @@ impl Publisher {
             removals,
         ];
         self.store.apply(&stages)?;
-        state.digests = digests;
         state.generation = generation;
         Ok(())
     }

@@ -241,7 +241,7 @@ pub fn freshness(
             })
             .collect(),
     };
-    Ok(encode_index(&msg, signer)?)
+    Ok(crate::index::codec::encode_index_stored(&msg, signer)?)
 }
 
 /// Paths of the `v1/` files [`package_files`] writes, to find stale ones.
