@@ -23,6 +23,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "NISO_LOG")]
     log_level: Option<String>,
 
+    /// Write logs as JSON lines (for log collectors) instead of text.
+    #[arg(long, global = true, env = "NISO_LOG_JSON")]
+    log_json: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -49,7 +53,10 @@ pub fn main() -> ExitCode {
         Command::Registry(registry::RegistryCommand::Serve(_)) => "info",
         _ => "warn",
     };
-    init_logging(cli.log_level.as_deref().unwrap_or(default_level));
+    init_logging(
+        cli.log_level.as_deref().unwrap_or(default_level),
+        cli.log_json,
+    );
     let result = match cli.command {
         Command::Package(args) => args.run(),
         Command::Registry(cmd) => cmd.run(),
@@ -64,13 +71,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[cfg(test)]

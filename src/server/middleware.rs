@@ -139,12 +139,35 @@ fn add_rate_headers(h: &mut HeaderMap, d: &super::ratelimit::Decision) {
     }
 }
 
-/// One structured log line per request.
+/// One structured log line per request; and every error answer in the JSON
+/// envelope, including those made by the framework (405, 408, 413).
 pub async fn log_request(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        if !is_json {
+            let reason = status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_ascii_lowercase();
+            let mut json = ApiError::new(status, reason).into_response();
+            for (name, value) in resp.headers() {
+                if name != axum::http::header::CONTENT_TYPE
+                    && name != axum::http::header::CONTENT_LENGTH
+                {
+                    json.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            resp = json;
+        }
+    }
     tracing::info!(
         %method,
         path,
