@@ -151,22 +151,20 @@ pub async fn log_request(req: Request, next: Next) -> Response {
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     let status = resp.status();
-    if status.is_client_error() || status.is_server_error() {
-        if !is_json {
-            let reason = status
-                .canonical_reason()
-                .unwrap_or("error")
-                .to_ascii_lowercase();
-            let mut json = ApiError::new(status, reason).into_response();
-            for (name, value) in resp.headers() {
-                if name != axum::http::header::CONTENT_TYPE
-                    && name != axum::http::header::CONTENT_LENGTH
-                {
-                    json.headers_mut().insert(name.clone(), value.clone());
-                }
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let reason = status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase();
+        let mut json = ApiError::new(status, reason).into_response();
+        for (name, value) in resp.headers() {
+            if name != axum::http::header::CONTENT_TYPE
+                && name != axum::http::header::CONTENT_LENGTH
+            {
+                json.headers_mut().insert(name.clone(), value.clone());
             }
-            resp = json;
         }
+        resp = json;
     }
     tracing::info!(
         %method,
