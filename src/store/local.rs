@@ -81,6 +81,23 @@ impl LocalStore {
         Ok(tmp.into_temp_path())
     }
 
+    /// Removes the directories a removal left empty, up to the root, so a
+    /// deleted release leaves nothing behind for mirrors to copy.
+    fn prune_empty_dirs(&self, removed: &Path, dirs: &mut BTreeSet<PathBuf>) {
+        let mut dir = removed.parent();
+        while let Some(d) = dir {
+            if d == self.root || !d.starts_with(&self.root) || fs::remove_dir(d).is_err() {
+                // The first directory that stays holds the last change.
+                if d.is_dir() {
+                    dirs.insert(d.to_path_buf());
+                }
+                break;
+            }
+            dirs.remove(d);
+            dir = d.parent();
+        }
+    }
+
     /// Links a staged archive into place, failing if the path exists.
     fn link_new(
         &self,
@@ -251,15 +268,18 @@ impl Store for LocalStore {
                     Some(tmp) => {
                         tmp.persist(&full)
                             .map_err(|e| io_err("rename into", &full)(e.error))?;
+                        if let Some(parent) = full.parent() {
+                            dirs.insert(parent.to_path_buf());
+                        }
                     }
-                    None => match fs::remove_file(&full) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(io_err("remove", &full)(e)),
-                    },
-                }
-                if let Some(parent) = full.parent() {
-                    dirs.insert(parent.to_path_buf());
+                    None => {
+                        match fs::remove_file(&full) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(io_err("remove", &full)(e)),
+                        }
+                        self.prune_empty_dirs(&full, &mut dirs);
+                    }
                 }
             }
             self.sync_all(dirs.iter().map(PathBuf::as_path))?;
