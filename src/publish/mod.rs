@@ -520,7 +520,7 @@ impl Publisher {
                     // Only what changed: the other releases' documents of a
                     // package with many versions stay as they are.
                     for op in ops {
-                        if !self.unchanged(&op)? {
+                        if !existing.contains(op.path()) || !self.unchanged(&op)? {
                             stage_packages.push(op);
                         }
                     }
@@ -736,7 +736,7 @@ impl Publisher {
             keep.insert(self.layout.package(&PackageName::new(&name)?)?);
             for op in ops {
                 keep.insert(op.path().clone());
-                if self.unchanged(&op)? {
+                if existing.contains(op.path()) && self.unchanged(&op)? {
                     continue;
                 }
                 stage_packages.push(op);

@@ -11,6 +11,17 @@ use std::path::{Path, PathBuf};
 
 use super::{Op, Store, StoreError, TreePath};
 
+/// Directories one stage touches.
+#[derive(Default)]
+struct StageDirs {
+    /// To fsync once the stage's renames are done.
+    sync: BTreeSet<PathBuf>,
+    /// Known to exist (saves a stat per file).
+    known: std::collections::HashSet<PathBuf>,
+    /// Made by this stage: nothing in them can exist yet.
+    created: std::collections::HashSet<PathBuf>,
+}
+
 /// A tree rooted at a directory.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -36,24 +47,25 @@ impl LocalStore {
     }
 
     /// Creates `full`'s directory if needed. New directories are added to
-    /// `dirs` with their parents, whose entries must then be synced.
-    fn ensure_parent(
-        &self,
-        full: &Path,
-        dirs: &mut BTreeSet<PathBuf>,
-    ) -> Result<PathBuf, StoreError> {
+    /// `dirs.sync` with their parents, whose entries must then be synced.
+    fn ensure_parent(&self, full: &Path, dirs: &mut StageDirs) -> Result<PathBuf, StoreError> {
         let parent = full.parent().unwrap_or(&self.root).to_path_buf();
+        if dirs.known.contains(&parent) {
+            return Ok(parent);
+        }
         if !parent.is_dir() {
             fs::create_dir_all(&parent).map_err(io_err("create directory", &parent))?;
+            dirs.created.insert(parent.clone());
             let mut dir = parent.as_path();
             while let Some(up) = dir.parent() {
-                dirs.insert(up.to_path_buf());
+                dirs.sync.insert(up.to_path_buf());
                 if up == self.root || !up.starts_with(&self.root) {
                     break;
                 }
                 dir = up;
             }
         }
+        dirs.known.insert(parent.clone());
         Ok(parent)
     }
 
@@ -62,7 +74,7 @@ impl LocalStore {
         &self,
         full: &Path,
         bytes: &[u8],
-        dirs: &mut BTreeSet<PathBuf>,
+        dirs: &mut StageDirs,
     ) -> Result<tempfile::TempPath, StoreError> {
         let parent = self.ensure_parent(full, dirs)?;
         let mut builder = tempfile::Builder::new();
@@ -83,17 +95,17 @@ impl LocalStore {
 
     /// Removes the directories a removal left empty, up to the root, so a
     /// deleted release leaves nothing behind for mirrors to copy.
-    fn prune_empty_dirs(&self, removed: &Path, dirs: &mut BTreeSet<PathBuf>) {
+    fn prune_empty_dirs(&self, removed: &Path, dirs: &mut StageDirs) {
         let mut dir = removed.parent();
         while let Some(d) = dir {
             if d == self.root || !d.starts_with(&self.root) || fs::remove_dir(d).is_err() {
                 // The first directory that stays holds the last change.
                 if d.is_dir() {
-                    dirs.insert(d.to_path_buf());
+                    dirs.sync.insert(d.to_path_buf());
                 }
                 break;
             }
-            dirs.remove(d);
+            dirs.sync.remove(d);
             dir = d.parent();
         }
     }
@@ -103,7 +115,7 @@ impl LocalStore {
         &self,
         path: &TreePath,
         staged: &Path,
-        dirs: &mut BTreeSet<PathBuf>,
+        dirs: &mut StageDirs,
     ) -> Result<(), StoreError> {
         let full = self.full(path);
         let parent = self.ensure_parent(&full, dirs)?;
@@ -133,7 +145,7 @@ impl LocalStore {
             Err(e) => return Err(io_err("link", &full)(e)),
         }
         set_readable_path(&full)?;
-        dirs.insert(parent);
+        dirs.sync.insert(parent);
         Ok(())
     }
 
@@ -190,12 +202,12 @@ impl Store for LocalStore {
                 })
                 .collect();
         }
-        let mut dirs = BTreeSet::new();
+        let mut dirs = StageDirs::default();
         let mut results: Vec<Result<(), StoreError>> = archives
             .iter()
             .map(|(path, staged)| self.link_new(path, staged, &mut dirs))
             .collect();
-        if let Err(e) = self.sync_all(dirs.iter().map(PathBuf::as_path)) {
+        if let Err(e) = self.sync_all(dirs.sync.iter().map(PathBuf::as_path)) {
             let msg = e.to_string();
             for r in results.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(StoreError::Io {
@@ -213,7 +225,7 @@ impl Store for LocalStore {
             if stage.is_empty() {
                 continue;
             }
-            let mut dirs = BTreeSet::new();
+            let mut dirs = StageDirs::default();
             // ((temp file or None for a removal, final path), holds new bytes)
             #[allow(clippy::type_complexity)]
             let mut staged: Vec<((Option<tempfile::TempPath>, PathBuf), bool)> =
@@ -229,11 +241,16 @@ impl Store for LocalStore {
                         let src = self.full(from);
                         let full = self.full(to);
                         let parent = self.ensure_parent(&full, &mut dirs)?;
-                        match fs::symlink_metadata(&full) {
+                        let new_dir = dirs.created.contains(&parent);
+                        match if new_dir {
+                            Err(io::ErrorKind::NotFound.into())
+                        } else {
+                            fs::symlink_metadata(&full)
+                        } {
                             // A new path: link(2) creates it atomically.
                             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                                 fs::hard_link(&src, &full).map_err(io_err("link", &full))?;
-                                dirs.insert(parent);
+                                dirs.sync.insert(parent);
                                 continue;
                             }
                             // rename(2) between two links to one inode does
@@ -269,7 +286,7 @@ impl Store for LocalStore {
                         tmp.persist(&full)
                             .map_err(|e| io_err("rename into", &full)(e.error))?;
                         if let Some(parent) = full.parent() {
-                            dirs.insert(parent.to_path_buf());
+                            dirs.sync.insert(parent.to_path_buf());
                         }
                     }
                     None => {
@@ -282,7 +299,7 @@ impl Store for LocalStore {
                     }
                 }
             }
-            self.sync_all(dirs.iter().map(PathBuf::as_path))?;
+            self.sync_all(dirs.sync.iter().map(PathBuf::as_path))?;
         }
         Ok(())
     }
