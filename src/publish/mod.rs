@@ -4,12 +4,13 @@
 //! [`Publisher`], which keeps the repository's packages in memory, applies the
 //! change, and hands ordered stages of file operations to the [`Store`]:
 //!
-//! 1. the archive, created once (a second upload of the same file loses);
+//! 1. the archives, each created once (a second upload of the same file
+//!    loses);
 //! 2. `packages/NAME` and the package's `v1/` documents and links;
-//! 3. `versions`;
-//! 4. `names` and `v1/packages/index.json`;
-//! 5. the signed freshness sidecar, last, listing the digest of every index;
-//! 6. removals (archives of deleted releases, stale `v1/` files), after no
+//! 3. `versions`, `names`, `v1/packages/index.json`, then the signed
+//!    freshness record listing the digest of every index, renamed into place
+//!    in that order;
+//! 4. removals (archives of deleted releases, stale `v1/` files), after no
 //!    index names them any more.
 //!
 //! Each stage is durable before the next becomes visible, so a reader (or a
@@ -606,19 +607,19 @@ impl Publisher {
             bytes: globals.v1_index,
         });
         removals.extend(stale);
-        let stages = vec![
-            stage_packages,
-            vec![Op::Put {
-                path: self.layout.path(layout::VERSIONS)?,
-                bytes: globals.versions,
-            }],
-            names_stage,
-            vec![Op::Put {
-                path: self.layout.path(layout::FRESHNESS)?,
-                bytes: fresh,
-            }],
-            removals,
-        ];
+        // versions before names: a reader of names finds every package in
+        // versions. All of them become visible in this order, after the
+        // packages they name are durable.
+        let mut globals_stage = vec![Op::Put {
+            path: self.layout.path(layout::VERSIONS)?,
+            bytes: globals.versions,
+        }];
+        globals_stage.extend(names_stage);
+        globals_stage.push(Op::Put {
+            path: self.layout.path(layout::FRESHNESS)?,
+            bytes: fresh,
+        });
+        let stages = vec![stage_packages, globals_stage, removals];
         self.store.apply(&stages)?;
         state.generation = generation;
         Ok(())
@@ -751,49 +752,17 @@ impl Publisher {
             .difference(&keep)
             .map(|p| Op::Remove { path: p.clone() })
             .collect();
-        report.files_written = stage_packages.len() + 5;
+        report.files_written = stage_packages.len() + 4;
         report.files_removed = removals.len();
 
-        let generation = state.generation + 1;
-        let now = (self.clock)();
-        let fresh = render::freshness(
-            self.repository.as_str(),
-            generation,
-            now,
-            now + self.options.freshness_ttl,
-            &digests,
-            self.signer.as_ref(),
-        )?;
-        let stages = vec![
-            stage_packages,
-            vec![Op::Put {
-                path: self.layout.path(layout::VERSIONS)?,
-                bytes: globals.versions,
-            }],
-            vec![
-                Op::Put {
-                    path: self.layout.path(layout::PUBLIC_KEY)?,
-                    bytes: self.signer.public_key().to_pem().into_bytes(),
-                },
-                Op::Put {
-                    path: self.layout.path(layout::NAMES)?,
-                    bytes: globals.names,
-                },
-                Op::Put {
-                    path: self.layout.path(layout::V1_INDEX)?,
-                    bytes: globals.v1_index,
-                },
-            ],
-            vec![Op::Put {
-                path: self.layout.path(layout::FRESHNESS)?,
-                bytes: fresh,
-            }],
-            removals,
-        ];
-        self.store.apply(&stages)?;
+        let previous = std::mem::replace(&mut state.digests, digests);
+        if let Err(e) =
+            self.write_globals(&mut state, stage_packages, globals, removals, Vec::new())
+        {
+            state.digests = previous;
+            return Err(e);
+        }
         state.packages = packages;
-        state.digests = digests;
-        state.generation = generation;
         Ok(report)
     }
 

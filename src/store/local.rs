@@ -221,6 +221,11 @@ impl Store for LocalStore {
     }
 
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError> {
+        // Renames of the previous stage, whose directories still need a sync.
+        // That sync shares a round with the next stage's data sync: both must
+        // be durable before the next stage's renames, and one round of
+        // parallel fsyncs (or one syncfs) costs about what one fsync does.
+        let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
         for stage in stages {
             if stage.is_empty() {
                 continue;
@@ -276,7 +281,8 @@ impl Store for LocalStore {
                 staged
                     .iter()
                     .filter(|(_, put)| *put)
-                    .filter_map(|((tmp, _), _)| tmp.as_ref().map(|t| t.as_ref())),
+                    .filter_map(|((tmp, _), _)| tmp.as_ref().map(|t| t.as_ref()))
+                    .chain(pending.iter().map(PathBuf::as_path)),
             )?;
             let staged: Vec<(Option<tempfile::TempPath>, PathBuf)> =
                 staged.into_iter().map(|(s, _)| s).collect();
@@ -299,9 +305,9 @@ impl Store for LocalStore {
                     }
                 }
             }
-            self.sync_all(dirs.sync.iter().map(PathBuf::as_path))?;
+            pending = dirs.sync;
         }
-        Ok(())
+        self.sync_all(pending.iter().map(PathBuf::as_path))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<TreePath>, StoreError> {
