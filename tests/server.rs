@@ -882,3 +882,55 @@ fn read_only_serves_the_tree_and_nothing_else() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     s.assert_tree_verifies();
 }
+
+#[test]
+fn reads_without_rate_limits_take_the_fast_path_with_the_same_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--rate-limit-ip", "0"]);
+    let c = client();
+    let r = upload(
+        &s,
+        &s.admin,
+        "/v1/packages/jason/1.4.4/any",
+        fixture("hex", "jason-1.4.4.tar"),
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // Anonymous (fast path) and with a key (full path) give the same answer.
+    for path in [
+        "/v1/packages",
+        "/v1/packages/jason/1.4.4/any",
+        "/names",
+        "/tarballs/jason-1.4.4.tar",
+    ] {
+        let fast = c.get(s.url(path)).send().unwrap();
+        let full = c.get(s.url(path)).bearer_auth(&s.admin).send().unwrap();
+        assert_eq!(fast.status(), StatusCode::OK, "{path}");
+        assert!(!fast.headers().contains_key("x-ratelimit-limit"));
+        for h in [
+            "etag",
+            "content-type",
+            "content-disposition",
+            "cache-control",
+            "access-control-allow-origin",
+        ] {
+            assert_eq!(fast.headers().get(h), full.headers().get(h), "{path}: {h}");
+        }
+        assert_eq!(fast.bytes().unwrap(), full.bytes().unwrap(), "{path}");
+    }
+    let r = c.get(s.url("/v1/packages/jason/1.4.4/any")).send().unwrap();
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "attachment; filename=\"jason-1.4.4.tar\""
+    );
+    let etag = r.headers()["etag"].clone();
+    let r = c
+        .get(s.url("/v1/packages/jason/1.4.4/any"))
+        .header("if-none-match", etag)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    // What the fast path cannot answer still gets the normal answer.
+    let r = c.get(s.url("/no/such/file")).send().unwrap();
+    assert!(error_of(r, StatusCode::NOT_FOUND).contains("no such file"));
+    s.assert_tree_verifies();
+}

@@ -125,6 +125,60 @@ pub fn may_pull(
     }
 }
 
+/// The fast path for the common read: a public file, no key, no query, no
+/// rate limit to count. It skips routing, authentication and the other
+/// layers, which cost more than the file read itself; anything it cannot
+/// answer with 200/304 goes down the normal path.
+pub async fn fast_static(
+    State(app): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let eligible = (req.method() == Method::GET || req.method() == Method::HEAD)
+        && req.uri().query().is_none()
+        && !app.ip_limiter.enabled()
+        && !req.headers().contains_key(header::AUTHORIZATION)
+        && is_plain_file_path(req.uri().path());
+    if !eligible {
+        return next.run(req).await;
+    }
+    let start = std::time::Instant::now();
+    let path = req.uri().path();
+    let rel = match path {
+        "/v1/packages" => layout::V1_INDEX,
+        p => p.trim_start_matches('/'),
+    };
+    let Ok(tree_path) = TreePath::new(rel) else {
+        return next.run(req).await;
+    };
+    match send_file(&app, &tree_path, rel, req.headers()).await {
+        Ok(mut resp) => {
+            resp.headers_mut().insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+            tracing::info!(
+                method = %req.method(),
+                path,
+                status = resp.status().as_u16(),
+                ms = start.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+            resp
+        }
+        Err(_) => next.run(req).await,
+    }
+}
+
+/// Paths that are always public files: not the API, not an organization.
+fn is_plain_file_path(path: &str) -> bool {
+    !(path.starts_with("/repos/")
+        || path.starts_with("/v1/auth/")
+        || path.starts_with("/v1/search")
+        || path == "/health"
+        || path.ends_with('/'))
+}
+
 /// GET/HEAD of any path: a file of the tree.
 pub async fn serve_tree(
     State(app): State<AppState>,

@@ -232,6 +232,10 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn(middleware::log_request))
         .layer(cors)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            files::fast_static,
+        ))
         .with_state(state)
 }
 
