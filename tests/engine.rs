@@ -485,3 +485,31 @@ fn serve_dir(dir: &Path) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) 
     });
     (rx.recv().unwrap(), handle)
 }
+
+#[test]
+fn verify_detects_a_v1_document_that_disagrees_with_the_indexes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = init(tmp.path(), "acme");
+    publish_all_fixtures(&dd);
+    let public = dd.join("public");
+    for doc in [
+        "v1/packages/index.json",
+        "v1/packages/my-app/versions",
+        "v1/packages/my-app/1.1.0/manifest",
+        "v1/packages/my-app/tags",
+        "v1/packages/my-app/latest/x86_64",
+    ] {
+        let path = public.join(doc);
+        let original = std::fs::read(&path).unwrap();
+        // Replace rather than edit: v1 downloads are hard links to archives.
+        std::fs::remove_file(&path).unwrap();
+        let mut changed = original.clone();
+        changed.push(b' ');
+        std::fs::write(&path, changed).unwrap();
+        let (code, out) = verify(&dd, "acme");
+        assert_eq!(code, Some(1), "changed {doc} passed:\n{out}");
+        assert!(out.contains(doc), "{out}");
+        std::fs::write(&path, original).unwrap();
+    }
+    assert_eq!(verify(&dd, "acme").0, Some(0));
+}

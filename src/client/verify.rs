@@ -25,8 +25,9 @@ use crate::index::codec::{decode_index, IndexMessage};
 use crate::index::json;
 use crate::index::{pb, PublicKey};
 use crate::limits::Limits;
-use crate::publish::layout;
+use crate::publish::layout::{self, Layout};
 use crate::publish::render;
+use crate::store::Op;
 
 pub struct VerifyOptions {
     pub repository: String,
@@ -200,18 +201,13 @@ impl Verifier<'_> {
                 }
             }
             self.check_package(&pkg);
-            summaries.push(json::PackageSummary {
-                name: name.clone(),
-                versions: listed.iter().map(|s| s.to_string()).collect(),
-                latest: render::latest(&pkg, |_| true).map(|r| r.version.clone()),
-                description: pkg.description.clone(),
-            });
+            summaries.push(render::summary(&pkg));
         }
-        self.check_json(
+        self.check_bytes(
             layout::V1_INDEX,
-            &json::PackageList {
+            &json::to_bytes(&json::PackageList {
                 packages: summaries,
-            },
+            }),
         );
         self.check_freshness(&digests);
         self.check_unreferenced();
@@ -219,7 +215,6 @@ impl Verifier<'_> {
 
     fn check_package(&mut self, pkg: &pb::Package) {
         let name = &pkg.name;
-        let mut entries = Vec::new();
         for r in &pkg.releases {
             self.report.releases += 1;
             if r.artifacts.is_empty() {
@@ -228,35 +223,7 @@ impl Verifier<'_> {
             for a in &r.artifacts {
                 self.report.artifacts += 1;
                 self.check_artifact(pkg, r, a);
-                entries.push(json::VersionEntry {
-                    version: r.version.clone(),
-                    arch: a.arch.clone(),
-                    size: a.size,
-                    sha256: hex::encode(&a.sha256),
-                    uploaded_at: json::rfc3339(a.uploaded_at),
-                    retired: r.retired.is_some(),
-                });
-                self.check_same_bytes(&format!("v1/packages/{name}/{}/{}", r.version, a.arch), a);
             }
-            let manifest = json::Manifest {
-                package: json::ManifestPackage {
-                    name: name.clone(),
-                    version: r.version.clone(),
-                    description: r.description.clone(),
-                },
-                binary: r
-                    .entrypoint
-                    .clone()
-                    .map(|entrypoint| json::ManifestBinary { entrypoint }),
-                isolation: r
-                    .isolation_preset
-                    .clone()
-                    .map(|preset| json::ManifestIsolation { preset }),
-            };
-            self.check_json(
-                &format!("v1/packages/{name}/{}/manifest", r.version),
-                &manifest,
-            );
         }
         for t in &pkg.tags {
             if !pkg.releases.iter().any(|r| r.version == t.version) {
@@ -266,38 +233,28 @@ impl Verifier<'_> {
                 ));
             }
         }
-        let mut arches: Vec<&str> = pkg
-            .releases
-            .iter()
-            .flat_map(|r| r.artifacts.iter().map(|a| a.arch.as_str()))
-            .collect();
-        arches.sort_unstable();
-        arches.dedup();
-        for arch in arches {
-            if let Some(a) = render::latest(pkg, |r| r.artifacts.iter().any(|a| a.arch == arch))
-                .and_then(|r| r.artifacts.iter().find(|a| a.arch == arch))
-            {
-                self.check_same_bytes(&format!("v1/packages/{name}/latest/{arch}"), a);
+        // The v1 files must be exactly what the publisher renders from this
+        // (verified) index: the same code decides both.
+        let ops = match render::v1_files(&Layout::root(), pkg) {
+            Ok(ops) => ops,
+            Err(e) => return self.problem(format!("packages/{name}: {e}")),
+        };
+        for op in ops {
+            match op {
+                Op::Put { path, bytes } => self.check_bytes(path.as_str(), &bytes),
+                Op::Link { from, to } => {
+                    let artifact = pkg
+                        .releases
+                        .iter()
+                        .flat_map(|r| r.artifacts.iter())
+                        .find(|a| a.path == from.as_str());
+                    if let Some(a) = artifact {
+                        self.check_same_bytes(to.as_str(), a);
+                    }
+                }
+                Op::Remove { .. } => {}
             }
         }
-        self.check_json(
-            &format!("v1/packages/{name}/versions"),
-            &json::VersionList {
-                name: name.clone(),
-                versions: entries,
-            },
-        );
-        let tags = json::TagList {
-            tags: pkg
-                .tags
-                .iter()
-                .map(|t| json::TagEntry {
-                    tag: t.tag.clone(),
-                    version: t.version.clone(),
-                })
-                .collect(),
-        };
-        self.check_json(&format!("v1/packages/{name}/tags"), &tags);
     }
 
     fn check_artifact(&mut self, pkg: &pb::Package, r: &pb::Release, a: &pb::Artifact) {
@@ -378,11 +335,11 @@ impl Verifier<'_> {
         }
     }
 
-    fn check_json<T: serde::Serialize>(&mut self, path: &str, expected: &T) {
+    fn check_bytes(&mut self, path: &str, expected: &[u8]) {
         let Some(bytes) = self.fetch(path) else {
             return;
         };
-        if bytes != json::to_bytes(expected) {
+        if bytes != expected {
             self.problem(format!("{path}: does not match the signed indexes"));
         }
     }

@@ -165,6 +165,16 @@ pub fn v1_files(layout: &Layout, pkg: &pb::Package) -> Result<Vec<Op>, PublishEr
     Ok(ops)
 }
 
+/// A package's entry in `GET /v1/packages`.
+pub fn summary(pkg: &pb::Package) -> json::PackageSummary {
+    json::PackageSummary {
+        name: pkg.name.clone(),
+        versions: pkg.releases.iter().map(|r| r.version.clone()).collect(),
+        latest: latest(pkg, |_| true).map(|r| r.version.clone()),
+        description: pkg.description.clone(),
+    }
+}
+
 /// `versions`, `names` and `v1/packages/index.json` for the whole repository.
 pub struct GlobalFiles {
     pub versions: Vec<u8>,
@@ -197,12 +207,7 @@ pub fn global_files(
             .filter(|(_, r)| r.retired.is_some())
             .map(|(i, _)| i as i32)
             .collect();
-        list.packages.push(json::PackageSummary {
-            name: name.clone(),
-            versions: vs.clone(),
-            latest: latest(pkg, |_| true).map(|r| r.version.clone()),
-            description: pkg.description.clone(),
-        });
+        list.packages.push(summary(pkg));
         versions.packages.push(pb::VersionsPackage {
             name: name.clone(),
             versions: vs,
