@@ -249,3 +249,29 @@ fn reopening_reads_the_state_back_from_the_tree() {
     .expect("open must fail");
     assert!(e.to_string().contains("packages/plug"), "{e}");
 }
+
+#[test]
+fn rebuild_refuses_look_alike_names_in_the_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("archives")).unwrap();
+    for name in ["my_app", "my-app"] {
+        let pkg = src.path().join(name);
+        std::fs::create_dir_all(pkg.join("payload")).unwrap();
+        std::fs::write(pkg.join("payload/run"), "x").unwrap();
+        std::fs::write(
+            pkg.join("niso.toml"),
+            format!("[package]\nname = \"{name}\"\nversion = \"1.0.0\"\narch = \"x86_64\"\n[binary]\nentrypoint = \"run\"\n"),
+        )
+        .unwrap();
+        niso::archive::niso::create(&pkg, &dir.path().join("archives"), &Limits::default())
+            .unwrap();
+    }
+    let p = open(dir.path());
+    let e = p.rebuild().unwrap_err().to_string();
+    assert!(e.contains("too similar"), "{e}");
+    assert!(
+        !dir.path().join("names").exists(),
+        "a refused rebuild wrote indexes"
+    );
+}

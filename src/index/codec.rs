@@ -51,6 +51,11 @@ pub fn encode_index<M: Message>(message: &M, signer: &dyn Signer) -> Result<Vec<
     )
 }
 
+/// Signs and gzips payload bytes encoded elsewhere (by concatenation).
+pub fn encode_payload(payload: Vec<u8>, signer: &dyn Signer) -> Result<Vec<u8>, KeyError> {
+    encode_signed(payload, signer, Compression::new(GZIP_LEVEL))
+}
+
 /// Like [`encode_index`], in a gzip container without compression: for the
 /// freshness record, mostly SHA-256 digests that do not compress, where
 /// deflate would cost milliseconds per publish for little gain.

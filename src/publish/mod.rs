@@ -114,6 +114,9 @@ pub struct RebuildReport {
 
 struct State {
     packages: BTreeMap<String, pb::Package>,
+    /// Each package's pre-encoded share of `versions`, `names` and the v1
+    /// list, same keys as `packages`.
+    rows: BTreeMap<String, render::Row>,
     /// Digest of every `packages/NAME`, `versions` and `names`, for the
     /// freshness sidecar (kept so a publish need not re-read other packages).
     digests: BTreeMap<String, Digest256>,
@@ -157,6 +160,7 @@ impl Publisher {
             clock: unix_now,
             state: Mutex::new(State {
                 packages: BTreeMap::new(),
+                rows: BTreeMap::new(),
                 digests: BTreeMap::new(),
                 generation: 0,
             }),
@@ -214,6 +218,7 @@ impl Publisher {
     fn load(&self) -> Result<State, PublishError> {
         let mut state = State {
             packages: BTreeMap::new(),
+            rows: BTreeMap::new(),
             digests: BTreeMap::new(),
             generation: 0,
         };
@@ -247,6 +252,7 @@ impl Publisher {
                 format!("{}/{name}", layout::PACKAGES_DIR),
                 Digest256::of(&bytes),
             );
+            state.rows.insert(entry.name.clone(), render::row(&pkg));
             state.packages.insert(entry.name, pkg);
         }
         Ok(state)
@@ -537,11 +543,27 @@ impl Publisher {
                 }
             }
         }
-        let globals = render::global_files(
-            self.repository.as_str(),
-            &state.packages,
-            self.signer.as_ref(),
-        )?;
+        // Rows of the touched packages, merged in name order with the kept
+        // rows of all the others.
+        let new_rows: BTreeMap<&String, Option<render::Row>> = touched
+            .iter()
+            .map(|n| (n, state.packages.get(n).map(render::row)))
+            .collect();
+        let globals = {
+            let mut merged = Vec::with_capacity(state.rows.len() + new_rows.len());
+            let mut fresh = new_rows.iter().peekable();
+            for (name, row) in &state.rows {
+                while let Some((_, r)) = fresh.next_if(|(n, _)| **n < name) {
+                    merged.extend(r.as_ref());
+                }
+                match fresh.next_if(|(n, _)| *n == &name) {
+                    Some((_, r)) => merged.extend(r.as_ref()),
+                    None => merged.push(row),
+                }
+            }
+            merged.extend(fresh.filter_map(|(_, r)| r.as_ref()));
+            render::global_files(self.repository.as_str(), merged, self.signer.as_ref())?
+        };
         // Update the digests in place (a copy costs O(N) per publish) and
         // put them back if the write fails.
         let mut undo: Vec<(String, Option<Digest256>)> = Vec::with_capacity(new_digests.len() + 2);
@@ -558,7 +580,14 @@ impl Publisher {
             undo.push((path, old));
         }
         let written = self.write_globals(state, stage_packages, globals, removals, stale);
-        if written.is_err() {
+        if written.is_ok() {
+            for (name, row) in new_rows {
+                match row {
+                    Some(r) => state.rows.insert(name.clone(), r),
+                    None => state.rows.remove(name),
+                };
+            }
+        } else {
             for (path, old) in undo.into_iter().rev() {
                 match old {
                     Some(d) => state.digests.insert(path, d),
@@ -640,6 +669,7 @@ impl Publisher {
 
         let mut problems = Vec::new();
         let mut packages: BTreeMap<String, pb::Package> = BTreeMap::new();
+        let mut normalized: std::collections::HashMap<String, String> = Default::default();
         for (path, result) in paths.iter().zip(inspected) {
             let (info, mtime) = match result {
                 Ok(x) => x,
@@ -656,9 +686,21 @@ impl Publisher {
                 ));
                 continue;
             }
-            if let Err(e) = check_confusable(&packages, &info.name) {
-                problems.push(format!("{path}: {e}"));
-                continue;
+            // One normalised name per package (see check_confusable), kept
+            // in a map: a scan per archive would make a rebuild O(N²).
+            match normalized.entry(info.name.normalized()) {
+                std::collections::hash_map::Entry::Occupied(e) if e.get() != info.name.as_str() => {
+                    problems.push(format!(
+                        "{path}: package name {} is too similar to the package {}",
+                        info.name,
+                        e.get()
+                    ));
+                    continue;
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {}
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(info.name.to_string());
+                }
             }
             let old = state.packages.get(info.name.as_str());
             let old_artifact = old.and_then(|p| {
@@ -743,8 +785,15 @@ impl Publisher {
                 stage_packages.push(op);
             }
         }
-        let globals =
-            render::global_files(self.repository.as_str(), &packages, self.signer.as_ref())?;
+        let rows: BTreeMap<String, render::Row> = packages
+            .iter()
+            .map(|(n, p)| (n.clone(), render::row(p)))
+            .collect();
+        let globals = render::global_files(
+            self.repository.as_str(),
+            rows.values(),
+            self.signer.as_ref(),
+        )?;
         digests.insert(layout::VERSIONS.into(), Digest256::of(&globals.versions));
         digests.insert(layout::NAMES.into(), Digest256::of(&globals.names));
         keep.insert(self.layout.path(layout::V1_INDEX)?);
@@ -763,6 +812,7 @@ impl Publisher {
             return Err(e);
         }
         state.packages = packages;
+        state.rows = rows;
         Ok(report)
     }
 
@@ -874,6 +924,8 @@ impl Publisher {
 }
 
 /// Refuses a name that differs from an existing package only by `-`/`_`.
+/// Compares in place: one allocation per existing name would make a publish
+/// O(N) allocations, and a rebuild O(N²).
 fn check_confusable(
     packages: &BTreeMap<String, pb::Package>,
     name: &PackageName,
@@ -881,8 +933,12 @@ fn check_confusable(
     if packages.contains_key(name.as_str()) {
         return Ok(());
     }
-    let norm = name.normalized();
-    if let Some(other) = packages.keys().find(|k| k.replace('_', "-") == norm) {
+    let fold = |b: u8| if b == b'_' { b'-' } else { b };
+    let wanted = name.as_str().as_bytes();
+    let similar = |k: &str| {
+        k.len() == wanted.len() && k.bytes().zip(wanted).all(|(a, b)| fold(a) == fold(*b))
+    };
+    if let Some(other) = packages.keys().find(|k| similar(k)) {
         return Err(PublishError::Conflict(format!(
             "package name {name} is too similar to the existing package {other}"
         )));

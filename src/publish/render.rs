@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::layout::{self, Layout};
 use super::PublishError;
 use crate::ident::{Arch, PackageName, Version};
+use crate::index::codec::encode_payload;
 use crate::index::json::{self, Manifest, ManifestBinary, ManifestIsolation, ManifestPackage};
 use crate::index::{encode_index, pb, Signer};
 use crate::store::{Op, TreePath};
@@ -175,6 +176,48 @@ pub fn summary(pkg: &pb::Package) -> json::PackageSummary {
     }
 }
 
+/// One package's share of the global files, encoded once, when the package
+/// changes: its `versions` and `names` entries (protobuf field 1, key and
+/// length included) and its `/v1/packages` JSON entry. A publish then builds
+/// the global files by concatenation instead of re-encoding every package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    versions: Vec<u8>,
+    names: Vec<u8>,
+    json: Vec<u8>,
+}
+
+pub fn row(pkg: &pb::Package) -> Row {
+    let entry = pb::VersionsPackage {
+        name: pkg.name.clone(),
+        versions: pkg.releases.iter().map(|r| r.version.clone()).collect(),
+        retired: pkg
+            .releases
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.retired.is_some())
+            .map(|(i, _)| i as i32)
+            .collect(),
+    };
+    let mut versions = Vec::new();
+    prost::encoding::message::encode(1, &entry, &mut versions);
+    let mut names = Vec::new();
+    prost::encoding::message::encode(
+        1,
+        &pb::NamesPackage {
+            name: pkg.name.clone(),
+        },
+        &mut names,
+    );
+    // A summary always serializes (string fields only).
+    let json = serde_json::to_vec(&summary(pkg)).expect("summaries serialize");
+    Row {
+        versions,
+        names,
+        json,
+    }
+}
+
 /// `versions`, `names` and `v1/packages/index.json` for the whole repository.
 pub struct GlobalFiles {
     pub versions: Vec<u8>,
@@ -182,43 +225,32 @@ pub struct GlobalFiles {
     pub v1_index: Vec<u8>,
 }
 
-pub fn global_files(
+/// The global files from every package's [`Row`], in name order. Byte for
+/// byte what encoding the whole `Versions`/`Names` messages and the
+/// `PackageList` document gives (a unit test holds it to that).
+pub fn global_files<'a>(
     repository: &str,
-    packages: &BTreeMap<String, pb::Package>,
+    rows: impl IntoIterator<Item = &'a Row>,
     signer: &dyn Signer,
 ) -> Result<GlobalFiles, PublishError> {
-    let mut versions = pb::Versions {
-        packages: Vec::with_capacity(packages.len()),
-        repository: repository.to_string(),
-    };
-    let mut names = pb::Names {
-        packages: Vec::with_capacity(packages.len()),
-        repository: repository.to_string(),
-    };
-    let mut list = json::PackageList {
-        packages: Vec::with_capacity(packages.len()),
-    };
-    for (name, pkg) in packages {
-        let vs: Vec<String> = pkg.releases.iter().map(|r| r.version.clone()).collect();
-        let retired = pkg
-            .releases
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.retired.is_some())
-            .map(|(i, _)| i as i32)
-            .collect();
-        list.packages.push(summary(pkg));
-        versions.packages.push(pb::VersionsPackage {
-            name: name.clone(),
-            versions: vs,
-            retired,
-        });
-        names.packages.push(pb::NamesPackage { name: name.clone() });
+    let (mut versions, mut names, mut list) = (Vec::new(), Vec::new(), b"{\"packages\":[".to_vec());
+    for (i, r) in rows.into_iter().enumerate() {
+        versions.extend_from_slice(&r.versions);
+        names.extend_from_slice(&r.names);
+        if i > 0 {
+            list.push(b',');
+        }
+        list.extend_from_slice(&r.json);
     }
+    // Field 2, after the repeated field 1, as prost orders fields.
+    let repository = repository.to_string();
+    prost::encoding::string::encode(2, &repository, &mut versions);
+    prost::encoding::string::encode(2, &repository, &mut names);
+    list.extend_from_slice(b"]}\n");
     Ok(GlobalFiles {
-        versions: encode_index(&versions, signer)?,
-        names: encode_index(&names, signer)?,
-        v1_index: json::to_bytes(&list),
+        versions: encode_payload(versions, signer)?,
+        names: encode_payload(names, signer)?,
+        v1_index: list,
     })
 }
 
@@ -261,4 +293,88 @@ pub fn owned_v1_paths(ops: &[Op]) -> Vec<TreePath> {
 /// The file name of an artifact's download.
 pub fn download_name(a: &pb::Artifact) -> &str {
     layout::download_name(&a.path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{decode_index, RepoKey};
+    use prost::Message;
+
+    fn package(name: &str, versions: &[&str], retired: &[usize]) -> pb::Package {
+        pb::Package {
+            name: name.into(),
+            repository: "acme".into(),
+            description: Some(format!("the {name} package")),
+            releases: versions
+                .iter()
+                .enumerate()
+                .map(|(i, v)| pb::Release {
+                    version: v.to_string(),
+                    retired: retired.contains(&i).then_some(pb::RetirementStatus {
+                        reason: 2,
+                        message: None,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rows_concatenate_to_the_whole_messages() {
+        let key = RepoKey::generate().unwrap();
+        let pkgs = [
+            package("alpha", &["1.0.0", "1.1.0-rc.1", "1.1.0"], &[0]),
+            package("beta", &["0.1.0"], &[]),
+            package("gamma_x", &[], &[]),
+        ];
+        let rows: Vec<Row> = pkgs.iter().map(row).collect();
+        let g = global_files("acme", &rows, &key).unwrap();
+        let versions: pb::Versions =
+            decode_index(&g.versions, key.public_key(), "acme", 1 << 20).unwrap();
+        let whole = pb::Versions {
+            packages: pkgs
+                .iter()
+                .map(|p| pb::VersionsPackage {
+                    name: p.name.clone(),
+                    versions: p.releases.iter().map(|r| r.version.clone()).collect(),
+                    retired: p
+                        .releases
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| r.retired.is_some())
+                        .map(|(i, _)| i as i32)
+                        .collect(),
+                })
+                .collect(),
+            repository: "acme".into(),
+        };
+        assert_eq!(versions, whole);
+        assert_eq!(
+            crate::index::codec::verified_payload(&g.versions, key.public_key(), 1 << 20).unwrap(),
+            whole.encode_to_vec()
+        );
+        let names = pb::Names {
+            packages: pkgs
+                .iter()
+                .map(|p| pb::NamesPackage {
+                    name: p.name.clone(),
+                })
+                .collect(),
+            repository: "acme".into(),
+        };
+        assert_eq!(
+            crate::index::codec::verified_payload(&g.names, key.public_key(), 1 << 20).unwrap(),
+            names.encode_to_vec()
+        );
+        let list = json::PackageList {
+            packages: pkgs.iter().map(summary).collect(),
+        };
+        assert_eq!(g.v1_index, json::to_bytes(&list));
+        // And an empty repository.
+        let g = global_files("acme", &[], &key).unwrap();
+        assert_eq!(g.v1_index, b"{\"packages\":[]}\n");
+    }
 }
