@@ -246,6 +246,21 @@ fn generate(archives: &Path, n: usize, v: usize, width: usize) -> Result<u64> {
     Ok(total)
 }
 
+fn sync_filesystem(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = fs::File::open(dir)?;
+    // SAFETY: syncfs only uses the descriptor, which `d` keeps open.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(format!(
+            "syncfs {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Measuring a child process.
 
@@ -341,6 +356,9 @@ struct SizeResult {
     batch: usize,
     batch_ms: Vec<f64>,
     fs_type: String,
+    /// `/proc/loadavg` before the rebuilds and after the publishes: other
+    /// work on the machine skews every figure.
+    load: (String, String),
 }
 
 fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
@@ -360,6 +378,10 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     let archives_dir = dd.public_dir().join("archives");
     fs::create_dir_all(&archives_dir)?;
     let archive_bytes = generate(&archives_dir, n, v, width)?;
+    // Make the generated archives durable now, so the first rebuild's
+    // syncfs does not pay for writing them (a real tree's archives are
+    // already on disk).
+    sync_filesystem(&archives_dir)?;
     let generate_time = t.elapsed();
     let limits = Limits::default();
     // Check one archive with the registry's own reader before measuring.
@@ -377,6 +399,7 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     );
 
     // 2. Rebuilds, each in a fresh child process.
+    let load_before = loadavg();
     let mut rebuilds = Vec::new();
     for i in 0..3 {
         let run = run_measured(
@@ -422,11 +445,12 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
 
     // A new release (the next version) of existing packages spread over
     // the whole name range.
+    // (With more publishes than packages, later rounds take later versions.)
     let mut publish_ms = Vec::with_capacity(cfg.publishes);
-    let new_version = version(v);
+    let per_round = cfg.publishes.min(n);
     for k in 0..cfg.publishes {
-        let pkg = package_name(1 + k * n / cfg.publishes, width);
-        let staged = stage(&pkg, &new_version)?;
+        let pkg = package_name(1 + (k % per_round) * n / per_round, width);
+        let staged = stage(&pkg, &version(v + k / per_round))?;
         let t = Instant::now();
         let info = inspect_file(&staged, &limits)?;
         publisher.publish(Upload {
@@ -443,7 +467,7 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     let batch = cfg.batch.min(n);
     let mut batch_ms = Vec::with_capacity(cfg.batches);
     for r in 0..cfg.batches {
-        let ver = version(v + 1 + r);
+        let ver = version(v + cfg.publishes.div_ceil(per_round) + r);
         let staged: Vec<(String, PathBuf)> = (0..batch)
             .map(|j| {
                 let pkg = package_name(1 + j * n / batch, width);
@@ -476,6 +500,7 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     }
     drop(publisher);
     drop(_lock);
+    let load_after = loadavg();
 
     // As the full rebuild counted them.
     let (releases, archives) = (
@@ -498,7 +523,15 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
         batch,
         batch_ms,
         fs_type,
+        load: (load_before, load_after),
     })
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 // ---------------------------------------------------------------------------
@@ -580,6 +613,7 @@ fn report(cfg: &Config, results: &[SizeResult]) -> String {
         command.push_str(&cfg.args.join(" "));
     }
     let _ = writeln!(md, "Command: `{command}`\n");
+    let _ = writeln!(md, "niso binary: `{}`\n", cfg.niso.display());
     let _ = writeln!(
         md,
         "| N packages | releases | archives | full rebuild s | no-op rebuild s (2nd / 3rd) | rebuild peak RSS MiB (full / no-op) | publish p50 / p90 ms | batch-of-{} ms per upload (median of {}) |",
@@ -643,13 +677,13 @@ fn report(cfg: &Config, results: &[SizeResult]) -> String {
     );
     let _ = writeln!(
         md,
-        "| N | archives generated (MiB, s, not timed) | publisher open ms | single publishes | publish min / p50 / p90 / max ms | batches | batch ms (min / median / max) |"
+        "| N | archives generated (MiB, s, not timed) | publisher open ms | single publishes | publish min / p50 / p90 / max ms | batches | batch ms (min / median / max) | load avg before / after |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in results {
         let _ = writeln!(
             md,
-            "| {} | {:.1} MiB in {:.1} s | {:.1} | {} | {:.2} / {:.2} / {:.2} / {:.2} | {} × {} | {:.1} / {:.1} / {:.1} |",
+            "| {} | {:.1} MiB in {:.1} s | {:.1} | {} | {:.2} / {:.2} / {:.2} / {:.2} | {} × {} | {:.1} / {:.1} / {:.1} | {} / {} |",
             r.n,
             r.archive_bytes as f64 / (1 << 20) as f64,
             r.generate.as_secs_f64(),
@@ -664,6 +698,8 @@ fn report(cfg: &Config, results: &[SizeResult]) -> String {
             percentile(&r.batch_ms, 0.0),
             percentile(&r.batch_ms, 50.0),
             percentile(&r.batch_ms, 100.0),
+            r.load.0,
+            r.load.1,
         );
     }
     md
