@@ -37,6 +37,14 @@ pub const MAX_NAME_LEN: usize = 64;
 /// only by `-` versus `_` are the same *normalised* name (see
 /// [`PackageName::normalized`]); the publisher refuses a second such name, so
 /// `my-app` and `my_app` can never be two packages.
+///
+/// ```
+/// use niso::ident::PackageName;
+/// assert!(PackageName::new("my-app").is_ok());
+/// assert!(PackageName::new("phoenix_html").is_ok());
+/// assert!(PackageName::new("My App").is_err());
+/// assert!(PackageName::new("../etc").is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PackageName(String);
 
