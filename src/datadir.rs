@@ -4,6 +4,7 @@
 //! ```text
 //! D/niso-registry.toml   settings: the repository name
 //! D/keys/repository.pem  the RSA signing key (0600), outside the served tree
+//! D/keys.sqlite          API keys, hashed (made by `serve`)
 //! D/staging/             uploads being received, never served
 //! D/public/              the served tree: point nginx, S3 sync or rsync here
 //! D/registry.lock        held while a process writes the tree

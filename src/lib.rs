@@ -11,6 +11,8 @@
 //! * [`store`]: where the served tree lives (a local directory today).
 //! * [`publish`]: the one code path that changes the tree.
 //! * [`datadir`]: a registry's data directory (config, private key, tree).
+//! * [`auth`]: API keys (hashed, in SQLite) and their scopes.
+//! * [`server`]: `niso registry serve`, the write API and the static tree.
 //! * [`client`]: reading a tree back, from a directory or over HTTP, and
 //!   verifying it.
 //! * [`cli`]: the `niso` command line.
