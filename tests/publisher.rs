@@ -21,7 +21,8 @@ fn key() -> Arc<RepoKey> {
 }
 
 fn fixed_clock() -> i64 {
-    1_790_000_000
+    // Far enough ahead that the freshness record has not expired.
+    4_000_000_000
 }
 
 fn open(root: &Path) -> Publisher {
@@ -274,4 +275,34 @@ fn rebuild_refuses_look_alike_names_in_the_tree() {
         !dir.path().join("names").exists(),
         "a refused rebuild wrote indexes"
     );
+}
+
+#[test]
+fn names_is_rewritten_only_when_the_set_of_packages_changes() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path());
+    let ino = || std::fs::metadata(dir.path().join("names")).unwrap().ino();
+    let n = niso_fixtures();
+    p.publish(upload(&n[0])).unwrap(); // my-app 1.0.0: a new package
+    let first = ino();
+    p.publish(upload(&n[2])).unwrap(); // my-app 1.1.0: same package
+    assert_eq!(ino(), first, "names was rewritten for a new version");
+    p.publish(upload(&hex_fixtures()[0])).unwrap(); // decimal: new package
+    assert_ne!(ino(), first, "names was not rewritten for a new package");
+    // Every index still verifies, freshness included.
+    let out = niso(&[
+        "registry",
+        "verify",
+        p_(dir.path()),
+        "--public-key",
+        p_(&dir.path().join("public_key")),
+        "--name",
+        "acme",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+fn p_(path: &Path) -> &str {
+    path.to_str().unwrap()
 }

@@ -271,7 +271,7 @@ pub enum PackageError {
     Write { path: PathBuf, source: io::Error },
     #[error("{path}: {reason}")]
     Layout { path: PathBuf, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Manifest(#[from] ArchiveError),
 }
 
@@ -390,8 +390,15 @@ pub fn create(
     Ok((out, manifest))
 }
 
+/// Checks the new archive with the registry's reader. Size limits are the
+/// registry's choice (`serve --max-upload`), so they are not applied here.
 fn inspect_created(path: &Path, limits: &Limits) -> Result<(), PackageError> {
-    super::inspect_file(path, limits)?;
+    let unbounded = Limits {
+        max_archive: u64::MAX,
+        max_unpacked: u64::MAX,
+        ..*limits
+    };
+    super::inspect_file(path, &unbounded)?;
     Ok(())
 }
 

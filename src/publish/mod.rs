@@ -549,6 +549,11 @@ impl Publisher {
             .iter()
             .map(|n| (n, state.packages.get(n).map(render::row)))
             .collect();
+        // `names` changes only when a package appears or disappears.
+        let names_changed = touched
+            .iter()
+            .any(|n| state.rows.contains_key(n) != state.packages.contains_key(n))
+            || !state.digests.contains_key(layout::NAMES);
         let globals = {
             let mut merged = Vec::with_capacity(state.rows.len() + new_rows.len());
             let mut fresh = new_rows.iter().peekable();
@@ -562,7 +567,12 @@ impl Publisher {
                 }
             }
             merged.extend(fresh.filter_map(|(_, r)| r.as_ref()));
-            render::global_files(self.repository.as_str(), merged, self.signer.as_ref())?
+            render::global_files(
+                self.repository.as_str(),
+                merged,
+                names_changed,
+                self.signer.as_ref(),
+            )?
         };
         // Update the digests in place (a copy costs O(N) per publish) and
         // put them back if the write fails.
@@ -571,7 +581,9 @@ impl Publisher {
             layout::VERSIONS.into(),
             Some(Digest256::of(&globals.versions)),
         ));
-        new_digests.push((layout::NAMES.into(), Some(Digest256::of(&globals.names))));
+        if let Some(names) = &globals.names {
+            new_digests.push((layout::NAMES.into(), Some(Digest256::of(names))));
+        }
         for (path, d) in new_digests {
             let old = match d {
                 Some(d) => state.digests.insert(path.clone(), d),
@@ -627,10 +639,12 @@ impl Publisher {
                 bytes: public_key,
             });
         }
-        names_stage.push(Op::Put {
-            path: self.layout.path(layout::NAMES)?,
-            bytes: globals.names,
-        });
+        if let Some(names) = globals.names {
+            names_stage.push(Op::Put {
+                path: self.layout.path(layout::NAMES)?,
+                bytes: names,
+            });
+        }
         names_stage.push(Op::Put {
             path: self.layout.path(layout::V1_INDEX)?,
             bytes: globals.v1_index,
@@ -792,10 +806,13 @@ impl Publisher {
         let globals = render::global_files(
             self.repository.as_str(),
             rows.values(),
+            true,
             self.signer.as_ref(),
         )?;
         digests.insert(layout::VERSIONS.into(), Digest256::of(&globals.versions));
-        digests.insert(layout::NAMES.into(), Digest256::of(&globals.names));
+        if let Some(names) = &globals.names {
+            digests.insert(layout::NAMES.into(), Digest256::of(names));
+        }
         keep.insert(self.layout.path(layout::V1_INDEX)?);
         let removals: Vec<Op> = existing
             .difference(&keep)

@@ -221,7 +221,8 @@ pub fn row(pkg: &pb::Package) -> Row {
 /// `versions`, `names` and `v1/packages/index.json` for the whole repository.
 pub struct GlobalFiles {
     pub versions: Vec<u8>,
-    pub names: Vec<u8>,
+    /// `None` when the caller knows `names` did not change.
+    pub names: Option<Vec<u8>>,
     pub v1_index: Vec<u8>,
 }
 
@@ -231,6 +232,7 @@ pub struct GlobalFiles {
 pub fn global_files<'a>(
     repository: &str,
     rows: impl IntoIterator<Item = &'a Row>,
+    with_names: bool,
     signer: &dyn Signer,
 ) -> Result<GlobalFiles, PublishError> {
     let (mut versions, mut names, mut list) = (Vec::new(), Vec::new(), b"{\"packages\":[".to_vec());
@@ -249,7 +251,11 @@ pub fn global_files<'a>(
     list.extend_from_slice(b"]}\n");
     Ok(GlobalFiles {
         versions: encode_payload(versions, signer)?,
-        names: encode_payload(names, signer)?,
+        names: if with_names {
+            Some(encode_payload(names, signer)?)
+        } else {
+            None
+        },
         v1_index: list,
     })
 }
@@ -331,7 +337,7 @@ mod tests {
             package("gamma_x", &[], &[]),
         ];
         let rows: Vec<Row> = pkgs.iter().map(row).collect();
-        let g = global_files("acme", &rows, &key).unwrap();
+        let g = global_files("acme", &rows, true, &key).unwrap();
         let versions: pb::Versions =
             decode_index(&g.versions, key.public_key(), "acme", 1 << 20).unwrap();
         let whole = pb::Versions {
@@ -366,7 +372,12 @@ mod tests {
             repository: "acme".into(),
         };
         assert_eq!(
-            crate::index::codec::verified_payload(&g.names, key.public_key(), 1 << 20).unwrap(),
+            crate::index::codec::verified_payload(
+                g.names.as_ref().unwrap(),
+                key.public_key(),
+                1 << 20
+            )
+            .unwrap(),
             names.encode_to_vec()
         );
         let list = json::PackageList {
@@ -374,7 +385,8 @@ mod tests {
         };
         assert_eq!(g.v1_index, json::to_bytes(&list));
         // And an empty repository.
-        let g = global_files("acme", &[], &key).unwrap();
+        let g = global_files("acme", &[], false, &key).unwrap();
+        assert!(g.names.is_none());
         assert_eq!(g.v1_index, b"{\"packages\":[]}\n");
     }
 }
