@@ -176,24 +176,18 @@ impl Verifier<'_> {
             if &pkg.name != name {
                 self.problem(format!("{path}: names package {:?}", pkg.name));
             }
-            let listed: Vec<&str> = pkg.releases.iter().map(|r| r.version.as_str()).collect();
-            let retired: Vec<i32> = pkg
-                .releases
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.retired.is_some())
-                .map(|(i, _)| i as i32)
-                .collect();
+            // What `versions` must say of this package, by the publisher's rule.
+            let expected = render::versions_entry(&pkg);
             if let Some(v) = versions.get(name) {
-                if v.versions != listed {
+                if v.versions != expected.versions {
                     self.problem(format!(
                         "{name}: {} lists versions {:?} but {path} has {:?}",
                         layout::VERSIONS,
                         v.versions,
-                        listed
+                        expected.versions
                     ));
                 }
-                if v.retired != retired {
+                if v.retired != expected.retired {
                     self.problem(format!(
                         "{name}: retired releases differ between {} and {path}",
                         layout::VERSIONS

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use super::layout::{self, Layout};
+use super::layout::Layout;
 use super::PublishError;
 use crate::ident::{Arch, PackageName, Version};
 use crate::index::codec::encode_payload;
@@ -187,8 +187,10 @@ pub struct Row {
     json: Vec<u8>,
 }
 
-pub fn row(pkg: &pb::Package) -> Row {
-    let entry = pb::VersionsPackage {
+/// A package's entry in `versions`: its versions in index order, and the
+/// positions of the retired ones.
+pub fn versions_entry(pkg: &pb::Package) -> pb::VersionsPackage {
+    pb::VersionsPackage {
         name: pkg.name.clone(),
         versions: pkg.releases.iter().map(|r| r.version.clone()).collect(),
         retired: pkg
@@ -198,7 +200,11 @@ pub fn row(pkg: &pb::Package) -> Row {
             .filter(|(_, r)| r.retired.is_some())
             .map(|(i, _)| i as i32)
             .collect(),
-    };
+    }
+}
+
+pub fn row(pkg: &pb::Package) -> Row {
+    let entry = versions_entry(pkg);
     let mut versions = Vec::new();
     prost::encoding::message::encode(1, &entry, &mut versions);
     let mut names = Vec::new();
@@ -294,11 +300,6 @@ pub fn owned_v1_paths(ops: &[Op]) -> Vec<TreePath> {
         .filter(|p| p.as_str().contains("v1/packages/"))
         .cloned()
         .collect()
-}
-
-/// The file name of an artifact's download.
-pub fn download_name(a: &pb::Artifact) -> &str {
-    layout::download_name(&a.path)
 }
 
 #[cfg(test)]

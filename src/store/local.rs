@@ -402,21 +402,16 @@ fn sync_filesystem(root: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Temp files are created 0600; served files must be world-readable so a web
-/// server running as another user can serve them.
-fn set_readable(file: &File, path: &Path) -> Result<(), StoreError> {
+/// Staged uploads are created 0600; served files must be world-readable so a
+/// web server running as another user can serve them.
+fn set_readable_path(path: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o644))
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644))
             .map_err(io_err("set permissions on", path))?;
     }
     Ok(())
-}
-
-fn set_readable_path(path: &Path) -> Result<(), StoreError> {
-    let f = File::open(path).map_err(io_err("open", path))?;
-    set_readable(&f, path)
 }
 
 #[cfg(test)]
