@@ -160,7 +160,12 @@ fn verify_detects_a_replayed_old_index() {
     let niso = niso_fixtures();
     niso_ok(&["registry", "publish", "--data-dir", p(&dd), p(&niso[0])]);
     let public = dd.join("public");
+    let bin = {
+        use sha2::Digest;
+        format!("freshness-bins/{:02x}", sha2::Sha256::digest("my-app")[0])
+    };
     let old = std::fs::read(public.join("packages/my-app")).unwrap();
+    let old_bin = std::fs::read(public.join(&bin)).unwrap();
     niso_ok(&["registry", "publish", "--data-dir", p(&dd), p(&niso[1])]);
     // The old index is validly signed: only the freshness sidecar tells.
     std::fs::write(public.join("packages/my-app"), old).unwrap();
@@ -168,6 +173,15 @@ fn verify_detects_a_replayed_old_index() {
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("packages/my-app: does not match its digest in freshness"),
+        "{out}"
+    );
+    // Replaying the package's freshness bin with it does not help: the
+    // signed record holds the bin's digest.
+    std::fs::write(public.join(&bin), old_bin).unwrap();
+    let (code, out) = verify(&dd, "acme");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("{bin}: does not match its digest in freshness")),
         "{out}"
     );
 }

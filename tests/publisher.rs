@@ -306,3 +306,200 @@ fn names_is_rewritten_only_when_the_set_of_packages_changes() {
 fn p_(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// A local store whose `apply` fails at one stage, after applying the
+/// stages before it (a disk that fills up half-way through a change).
+struct FailingStore {
+    inner: LocalStore,
+    fail_at_stage: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for FailingStore {
+    fn get(
+        &self,
+        path: &niso::store::TreePath,
+    ) -> Result<Option<Vec<u8>>, niso::store::StoreError> {
+        self.inner.get(path)
+    }
+    fn exists(&self, path: &niso::store::TreePath) -> Result<bool, niso::store::StoreError> {
+        self.inner.exists(path)
+    }
+    fn apply(&self, stages: &[Vec<niso::store::Op>]) -> Result<(), niso::store::StoreError> {
+        let at = self.fail_at_stage.load(std::sync::atomic::Ordering::SeqCst);
+        if at >= stages.len() {
+            return self.inner.apply(stages);
+        }
+        self.inner.apply(&stages[..at])?;
+        Err(niso::store::StoreError::Io {
+            action: "write",
+            path: "the disk".into(),
+            source: std::io::Error::other("no space left on device (simulated)"),
+        })
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<niso::store::TreePath>, niso::store::StoreError> {
+        self.inner.list(prefix)
+    }
+    fn local_path(&self, path: &niso::store::TreePath) -> Option<std::path::PathBuf> {
+        self.inner.local_path(path)
+    }
+}
+
+fn verify_ok(root: &Path) {
+    let out = niso(&[
+        "registry",
+        "verify",
+        p_(root),
+        "--public-key",
+        p_(&root.join("public_key")),
+        "--name",
+        "acme",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn a_failed_write_aborts_the_changes_prepared_on_it_and_the_model_reloads() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore {
+        inner: LocalStore::new(dir.path()),
+        fail_at_stage: usize::MAX.into(),
+    });
+    let p = Publisher::open(
+        store.clone(),
+        key(),
+        RepoName::new("acme").unwrap(),
+        Layout::root(),
+        Options::default(),
+    )
+    .unwrap()
+    .with_clock(fixed_clock);
+    let (n, hex) = (niso_fixtures(), hex_fixtures());
+    p.publish(upload(&n[0])).unwrap(); // my-app 1.0.0
+
+    // Two batches prepared back to back, as the server's pipeline does;
+    // the first fails after its archives and package index are written.
+    let first = p.prepare_batch(vec![upload(&n[2])]); // my-app 1.1.0
+    let second = p.prepare_batch(vec![upload(&hex[0])]); // decimal
+    assert_eq!(
+        p.package_names(),
+        ["decimal", "my-app"],
+        "the model runs ahead"
+    );
+    store.fail_at_stage.store(2, Ordering::SeqCst);
+    let r = p.commit_batch(first);
+    assert!(
+        matches!(&r[0], Err(PublishError::Aborted(m)) if m.contains("no space left")),
+        "{r:?}"
+    );
+    store.fail_at_stage.store(usize::MAX, Ordering::SeqCst);
+    // Built on the failed one: never written, even though the disk is back.
+    let r = p.commit_batch(second);
+    assert!(matches!(&r[0], Err(PublishError::Aborted(_))), "{r:?}");
+    assert!(!dir.path().join("tarballs/decimal-2.0.0.tar").exists());
+
+    // The next change starts from the tree: the package index that was
+    // written holds my-app 1.1.0, decimal was never written.
+    p.publish(upload(&hex[0])).unwrap();
+    assert_eq!(p.package_names(), ["decimal", "my-app"]);
+    let e = p.publish(upload(&n[2])).unwrap_err();
+    assert!(matches!(e, PublishError::Conflict(_)), "{e}");
+    verify_ok(dir.path());
+    // And the tree is what a rebuild makes of it.
+    let before = snapshot(dir.path());
+    p.rebuild().unwrap();
+    for (path, bytes) in snapshot(dir.path()) {
+        if path != "freshness" {
+            assert_eq!(
+                Some(&bytes),
+                before.get(&path),
+                "{path} differs after rebuild"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_publish_rewrites_only_the_freshness_bin_of_its_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path());
+    let (n, hex) = (niso_fixtures(), hex_fixtures());
+    for f in [&n[0], &hex[0], &hex[2], &hex[3]] {
+        p.publish(upload(f)).unwrap();
+    }
+    let bins = |root: &Path| -> std::collections::BTreeMap<String, Vec<u8>> {
+        snapshot(root)
+            .into_iter()
+            .filter(|(path, _)| path.starts_with("freshness-bins/"))
+            .collect()
+    };
+    let before = bins(dir.path());
+    // One bin per package here (their names hash to different first bytes).
+    let bin_of = |name: &str| {
+        use sha2::Digest;
+        format!("freshness-bins/{:02x}", sha2::Sha256::digest(name)[0])
+    };
+    let expected: std::collections::BTreeSet<String> =
+        ["my-app", "decimal", "jason", "plug"].map(bin_of).into();
+    assert_eq!(
+        before
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        expected
+    );
+
+    p.publish(upload(&n[2])).unwrap(); // my-app 1.1.0
+    let after = bins(dir.path());
+    for (path, bytes) in &before {
+        if *path == bin_of("my-app") {
+            assert_ne!(&after[path], bytes, "{path} was not rewritten");
+        } else {
+            assert_eq!(&after[path], bytes, "{path} changed for another package");
+        }
+    }
+    // Deleting a package's last release empties and removes its bin.
+    let name = PackageName::new("jason").unwrap();
+    p.delete(
+        &name,
+        &Version::new("1.4.4").unwrap(),
+        &Arch::new("any").unwrap(),
+    )
+    .unwrap();
+    assert!(!dir.path().join(bin_of("jason")).exists());
+    verify_ok(dir.path());
+}
+
+#[test]
+fn a_tree_without_freshness_bins_gets_them_with_the_next_change() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let p = open(dir.path());
+        for f in all_fixtures() {
+            p.publish(upload(&f)).unwrap();
+        }
+    }
+    // As a tree written before bins existed (or a bin lost) would be.
+    std::fs::remove_dir_all(dir.path().join("freshness-bins")).unwrap();
+    let p = open(dir.path());
+    p.refresh().unwrap();
+    verify_ok(dir.path());
+}
+
+#[test]
+fn an_archive_no_index_names_is_refused_on_upload_and_adopted_by_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path());
+    let hex = hex_fixtures();
+    p.publish(upload(&hex[0])).unwrap();
+    // Left by a publish interrupted between its archive and its indexes.
+    std::fs::copy(&hex[2], dir.path().join("tarballs/jason-1.4.4.tar")).unwrap();
+    let e = p.publish(upload(&hex[2])).unwrap_err();
+    assert!(
+        matches!(&e, PublishError::Conflict(m) if m.contains("no index names it") && m.contains("niso registry build")),
+        "{e}"
+    );
+    p.rebuild().unwrap();
+    assert_eq!(p.package_names(), ["decimal", "jason"]);
+    verify_ok(dir.path());
+}

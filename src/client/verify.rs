@@ -11,7 +11,7 @@
 //!   says (and, for Hex tarballs, the recorded inner checksum);
 //! * the `v1/` documents and links match the indexes;
 //! * the freshness sidecar is signed, unexpired, and lists the exact digest of
-//!   every index file;
+//!   every index file (`packages/NAME` through its freshness bin);
 //! * for a local tree, no archive or index lies in the tree unreferenced.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -246,7 +246,7 @@ impl Verifier<'_> {
                         self.check_same_bytes(to.as_str(), a);
                     }
                 }
-                Op::Remove { .. } => {}
+                Op::Remove { .. } | Op::Create { .. } => {}
             }
         }
     }
@@ -338,6 +338,10 @@ impl Verifier<'_> {
         }
     }
 
+    /// `digests`: the actual digest of `names`, `versions` and every
+    /// `packages/NAME`. The signed record must list `names`, `versions` and
+    /// exactly the bins that hold packages; each bin must match its listed
+    /// digest and list exactly its packages' actual digests.
     fn check_freshness(&mut self, digests: &BTreeMap<String, render::Digest256>) {
         let Some((f, _)) = self.index::<pb::Freshness>(layout::FRESHNESS) else {
             return;
@@ -349,23 +353,99 @@ impl Verifier<'_> {
                 json::rfc3339(f.expires_at)
             ));
         }
+        // What the record should list, and what the bins should hold.
+        let mut expected: BTreeMap<String, Option<&render::Digest256>> = BTreeMap::new();
+        let mut in_bins: BTreeMap<String, &render::Digest256> = BTreeMap::new();
+        for (path, d) in digests {
+            match path.strip_prefix(&format!("{}/", layout::PACKAGES_DIR)) {
+                Some(name) => {
+                    in_bins.insert(path.clone(), d);
+                    expected.insert(Layout::freshness_bin_rel(render::bin_of(name)), None);
+                }
+                None => {
+                    expected.insert(path.clone(), Some(d));
+                }
+            }
+        }
         let listed: BTreeMap<&str, &pb::FileDigest> =
             f.files.iter().map(|d| (d.path.as_str(), d)).collect();
-        for (path, d) in digests {
-            match listed.get(path.as_str()) {
-                None => self.problem(format!("{path}: not listed in {}", layout::FRESHNESS)),
-                Some(l) if l.sha256 != d.sha256 || l.length != d.length => self.problem(format!(
+        let matches = |l: &pb::FileDigest, d: &render::Digest256| {
+            l.sha256 == d.sha256 && l.length == d.length
+        };
+        let mut binned: BTreeMap<String, pb::FileDigest> = BTreeMap::new();
+        for (path, want) in &expected {
+            let Some(l) = listed.get(path.as_str()) else {
+                self.problem(format!("{path}: not listed in {}", layout::FRESHNESS));
+                continue;
+            };
+            match want {
+                Some(d) if !matches(l, d) => self.problem(format!(
+                    "{path}: does not match its digest in {} (stale or replayed index)",
+                    layout::FRESHNESS
+                )),
+                Some(_) => {}
+                None => {
+                    let Some(bytes) = self.fetch(path) else {
+                        continue;
+                    };
+                    if !matches(l, &render::Digest256::of(&bytes)) {
+                        self.problem(format!(
+                            "{path}: does not match its digest in {} (stale or replayed)",
+                            layout::FRESHNESS
+                        ));
+                        continue;
+                    }
+                    match <pb::FreshnessBin as prost::Message>::decode(bytes.as_slice()) {
+                        Ok(b) if b.repository != self.o.repository => {
+                            self.problem(format!("{path}: is for repository {:?}", b.repository))
+                        }
+                        Ok(b) if Layout::freshness_bin_rel(b.bin as u8) != *path || b.bin > 255 => {
+                            self.problem(format!("{path}: says it is bin {}", b.bin))
+                        }
+                        Ok(b) => {
+                            for d in b.files {
+                                let right_bin = d
+                                    .path
+                                    .strip_prefix(&format!("{}/", layout::PACKAGES_DIR))
+                                    .is_some_and(|n| {
+                                        Layout::freshness_bin_rel(render::bin_of(n)) == *path
+                                    });
+                                if !right_bin {
+                                    self.problem(format!(
+                                        "{path}: lists {}, which does not belong in it",
+                                        d.path
+                                    ));
+                                }
+                                binned.insert(d.path.clone(), d);
+                            }
+                        }
+                        Err(e) => self.problem(format!("{path}: cannot be decoded: {e}")),
+                    }
+                }
+            }
+        }
+        for path in listed.keys() {
+            if !expected.contains_key(*path) {
+                self.problem(format!(
+                    "{path}: listed in {} but not an index of this tree",
+                    layout::FRESHNESS
+                ));
+            }
+        }
+        for (path, d) in &in_bins {
+            match binned.get(path) {
+                None => self.problem(format!("{path}: not listed in its freshness bin")),
+                Some(l) if !matches(l, d) => self.problem(format!(
                     "{path}: does not match its digest in {} (stale or replayed index)",
                     layout::FRESHNESS
                 )),
                 Some(_) => {}
             }
         }
-        for path in listed.keys() {
-            if !digests.contains_key(*path) {
+        for path in binned.keys() {
+            if !in_bins.contains_key(path) {
                 self.problem(format!(
-                    "{path}: listed in {} but not an index of this tree",
-                    layout::FRESHNESS
+                    "{path}: listed in a freshness bin but not an index of this tree"
                 ));
             }
         }
@@ -378,6 +458,7 @@ impl Verifier<'_> {
         for path in listing {
             let derived = path.starts_with("v1/")
                 || path.starts_with("packages/")
+                || path.starts_with("freshness-bins/")
                 || path.starts_with("tarballs/")
                 || path.starts_with("archives/");
             if derived && !self.seen.contains(&path) {

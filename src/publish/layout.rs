@@ -5,6 +5,7 @@
 //! names, versions, packages/NAME      Hex registry v2 indexes (signed)
 //! public_key                          the repository's RSA public key (PEM)
 //! freshness                           niso's signed freshness sidecar
+//! freshness-bins/XX                   digests of the package indexes in bin XX
 //! tarballs/NAME-VERSION.tar           Hex tarballs (immutable)
 //! archives/NAME-VERSION-ARCH.niso     .niso archives (immutable)
 //! v1/packages/index.json              GET /v1/packages
@@ -28,6 +29,7 @@ pub const NAMES: &str = "names";
 pub const VERSIONS: &str = "versions";
 pub const PUBLIC_KEY: &str = "public_key";
 pub const FRESHNESS: &str = "freshness";
+pub const FRESHNESS_BINS_DIR: &str = "freshness-bins";
 pub const PACKAGES_DIR: &str = "packages";
 pub const TARBALLS_DIR: &str = "tarballs";
 pub const ARCHIVES_DIR: &str = "archives";
@@ -70,6 +72,15 @@ impl Layout {
         } else {
             format!("{}/{rel}", self.prefix)
         }
+    }
+
+    /// A freshness bin, relative to the repository (as `freshness` lists it).
+    pub fn freshness_bin_rel(bin: u8) -> String {
+        format!("{FRESHNESS_BINS_DIR}/{bin:02x}")
+    }
+
+    pub fn freshness_bin(&self, bin: u8) -> Result<TreePath, StoreError> {
+        self.path(&Self::freshness_bin_rel(bin))
     }
 
     pub fn package(&self, name: &PackageName) -> Result<TreePath, StoreError> {

@@ -7,9 +7,8 @@
 //! 1. the archives, each created once (a second upload of the same file
 //!    loses);
 //! 2. `packages/NAME` and the package's `v1/` documents and links;
-//! 3. `versions`, `names`, `v1/packages/index.json`, then the signed
-//!    freshness record listing the digest of every index, renamed into place
-//!    in that order;
+//! 3. `versions`, `names`, `v1/packages/index.json`, the freshness bins,
+//!    then the signed freshness record, renamed into place in that order;
 //! 4. removals (archives of deleted releases, stale `v1/` files), after no
 //!    index names them any more.
 //!
@@ -17,13 +16,23 @@
 //! crash) never sees an index that names a missing file. All rendering goes
 //! through [`render`], so N incremental publishes and one [`Publisher::rebuild`]
 //! give byte-identical indexes.
+//!
+//! A change is made in two steps. [`Publisher::prepare_batch`] (and the other
+//! `prepare` paths) check it, render and sign its files and apply it to the
+//! in-memory model, under the model's lock; [`Publisher::commit`] then writes
+//! it to the store, in the order the changes were prepared, without that lock.
+//! So while one batch waits for the disk the next one is already being signed
+//! (a pipelined group commit). If a write fails, every change prepared on top
+//! of it fails too, and the model is reloaded from the tree before the next.
 
 pub mod layout;
 pub mod render;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rayon::prelude::*;
 
 use crate::archive::{self, ArchiveError, ArchiveInfo, ArchiveKind};
 use crate::ident::{Arch, IdentError, PackageName, RepoName, TagName, Version};
@@ -42,6 +51,9 @@ pub enum PublishError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// Not applied because a change prepared before it failed to be written.
+    #[error("not applied: an earlier write to the tree failed ({0}); try again")]
+    Aborted(String),
     #[error(transparent)]
     Ident(#[from] IdentError),
     #[error(transparent)]
@@ -112,15 +124,119 @@ pub struct RebuildReport {
     pub files_removed: usize,
 }
 
+/// The in-memory model of the repository, as the prepared changes left it.
 struct State {
     packages: BTreeMap<String, pb::Package>,
     /// Each package's pre-encoded share of `versions`, `names` and the v1
     /// list, same keys as `packages`.
     rows: BTreeMap<String, render::Row>,
-    /// Digest of every `packages/NAME`, `versions` and `names`, for the
-    /// freshness sidecar (kept so a publish need not re-read other packages).
-    digests: BTreeMap<String, Digest256>,
+    /// The digest of each `packages/NAME`, by name, in its freshness bin
+    /// ([`render::FRESHNESS_BINS`] of them).
+    bins: Vec<BTreeMap<String, Digest256>>,
+    /// What `freshness` lists: `names`, `versions` and each bin file, by path
+    /// relative to the repository.
+    top: BTreeMap<String, Digest256>,
+    /// Bins whose file in the tree is missing or stale (a tree written
+    /// before bins existed): written by the next change.
+    dirty_bins: BTreeSet<u8>,
+    /// Whether the tree's `public_key` is this signer's.
+    key_written: bool,
     generation: u64,
+    /// Sequence number of the next prepared change.
+    next_seq: u64,
+    /// Bumped each time the model is reloaded after a failed write.
+    epoch: u64,
+}
+
+impl State {
+    fn empty() -> Self {
+        Self {
+            packages: BTreeMap::new(),
+            rows: BTreeMap::new(),
+            bins: vec![BTreeMap::new(); render::FRESHNESS_BINS],
+            top: BTreeMap::new(),
+            dirty_bins: BTreeSet::new(),
+            key_written: false,
+            generation: 0,
+            next_seq: 0,
+            epoch: 0,
+        }
+    }
+}
+
+/// Orders commits: each waits for the one prepared before it.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    turn: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Every change with a lower sequence number has been committed or
+    /// failed.
+    done: u64,
+    /// The epoch of a failed write, with its error: changes prepared in that
+    /// epoch were built on it and must not be written.
+    broken: Option<(u64, String)>,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn finish(&self, seq: u64, epoch: u64, error: Option<String>) {
+        let mut q = self.lock();
+        if let Some(e) = error {
+            q.broken.get_or_insert((epoch, e));
+        }
+        q.done = q.done.max(seq + 1);
+        self.turn.notify_all();
+    }
+}
+
+/// A change that is in the model but not yet in the tree: hand it to
+/// [`Publisher::commit`]. Dropping it instead counts as a failed write.
+#[must_use = "a prepared change must be committed"]
+pub struct Prepared {
+    seq: u64,
+    epoch: u64,
+    stages: Vec<Vec<Op>>,
+    queue: Arc<Queue>,
+    finished: bool,
+}
+
+impl Prepared {
+    /// How many file operations the change makes.
+    pub fn ops(&self) -> usize {
+        self.stages.iter().map(Vec::len).sum()
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.queue.finish(
+                self.seq,
+                self.epoch,
+                Some("a prepared change was dropped".into()),
+            );
+        }
+    }
+}
+
+/// A prepared batch of uploads: each upload's own outcome, valid once the
+/// batch is committed.
+pub struct PreparedBatch {
+    results: Vec<Result<Published, PublishError>>,
+    prepared: Option<Prepared>,
+}
+
+/// One package's new content (`None`: the package is gone).
+struct Change {
+    name: String,
+    new: Option<pb::Package>,
 }
 
 /// Publishes into one repository (the root one, or an organization's).
@@ -132,6 +248,7 @@ pub struct Publisher {
     options: Options,
     clock: fn() -> i64,
     state: Mutex<State>,
+    queue: Arc<Queue>,
 }
 
 pub fn unix_now() -> i64 {
@@ -158,12 +275,8 @@ impl Publisher {
             layout,
             options,
             clock: unix_now,
-            state: Mutex::new(State {
-                packages: BTreeMap::new(),
-                rows: BTreeMap::new(),
-                digests: BTreeMap::new(),
-                generation: 0,
-            }),
+            state: Mutex::new(State::empty()),
+            queue: Arc::default(),
         };
         let loaded = this.load()?;
         *this.lock() = loaded;
@@ -193,9 +306,27 @@ impl Publisher {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves the in-memory state possibly
-        // ahead of the tree; the tree itself is always consistent, so carry on.
+        // A panic while holding the lock may leave the model ahead of the
+        // tree; the tree itself is always consistent, so carry on.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The model's lock, with the model reloaded from the tree first if a
+    /// write it was ahead of has failed.
+    fn lock_current(&self) -> Result<MutexGuard<'_, State>, PublishError> {
+        let mut state = self.lock();
+        let broken = self.queue.lock().broken.clone();
+        if let Some((epoch, error)) = broken {
+            if epoch == state.epoch {
+                tracing::warn!(%error, "a write to the tree failed; reloading the indexes");
+                let mut fresh = self.load()?;
+                fresh.next_seq = state.next_seq;
+                fresh.epoch = state.epoch + 1;
+                *state = fresh;
+                self.queue.lock().broken = None;
+            }
+        }
+        Ok(state)
     }
 
     fn decode<M: crate::index::codec::IndexMessage>(
@@ -216,30 +347,26 @@ impl Publisher {
     }
 
     fn load(&self) -> Result<State, PublishError> {
-        let mut state = State {
-            packages: BTreeMap::new(),
-            rows: BTreeMap::new(),
-            digests: BTreeMap::new(),
-            generation: 0,
-        };
+        let mut state = State::empty();
         let fresh_path = self.layout.path(layout::FRESHNESS)?;
         if let Some(bytes) = self.store.get(&fresh_path)? {
             let f: pb::Freshness = self.decode(&fresh_path, &bytes)?;
             state.generation = f.generation;
         }
+        let key_path = self.layout.path(layout::PUBLIC_KEY)?;
+        state.key_written =
+            self.store.get(&key_path)?.as_deref() == Some(self.public_key_pem().as_slice());
         let names_path = self.layout.path(layout::NAMES)?;
         let Some(names_bytes) = self.store.get(&names_path)? else {
             return Ok(state);
         };
         let names: pb::Names = self.decode(&names_path, &names_bytes)?;
         state
-            .digests
+            .top
             .insert(layout::NAMES.into(), Digest256::of(&names_bytes));
         let versions_path = self.layout.path(layout::VERSIONS)?;
         if let Some(b) = self.store.get(&versions_path)? {
-            state
-                .digests
-                .insert(layout::VERSIONS.into(), Digest256::of(&b));
+            state.top.insert(layout::VERSIONS.into(), Digest256::of(&b));
         }
         for entry in names.packages {
             let name = PackageName::new(&entry.name)?;
@@ -248,14 +375,31 @@ impl Publisher {
                 PublishError::Invalid(format!("{names_path} names {name} but {path} is missing"))
             })?;
             let pkg: pb::Package = self.decode(&path, &bytes)?;
-            state.digests.insert(
-                format!("{}/{name}", layout::PACKAGES_DIR),
-                Digest256::of(&bytes),
-            );
+            state.bins[usize::from(render::bin_of(&entry.name))]
+                .insert(entry.name.clone(), Digest256::of(&bytes));
             state.rows.insert(entry.name.clone(), render::row(&pkg));
             state.packages.insert(entry.name, pkg);
         }
+        // The bins as the tree should hold them; any that differ are
+        // rewritten by the next change.
+        for (bin, digests) in state.bins.iter().enumerate() {
+            if digests.is_empty() {
+                continue;
+            }
+            let bin = bin as u8;
+            let bytes = render::freshness_bin(self.repository.as_str(), bin, digests);
+            if self.store.get(&self.layout.freshness_bin(bin)?)?.as_deref() != Some(&bytes[..]) {
+                state.dirty_bins.insert(bin);
+            }
+            state
+                .top
+                .insert(Layout::freshness_bin_rel(bin), Digest256::of(&bytes));
+        }
         Ok(state)
+    }
+
+    fn public_key_pem(&self) -> Vec<u8> {
+        self.signer.public_key().to_pem().into_bytes()
     }
 
     /// The current index of one package.
@@ -277,104 +421,142 @@ impl Publisher {
 
     /// Publishes several archives with one rewrite of `versions` and `names`
     /// (group commit). Each upload succeeds or fails on its own; a failure of
-    /// the shared index write fails them all.
+    /// the shared write fails them all.
     pub fn publish_batch(&self, uploads: Vec<Upload>) -> Vec<Result<Published, PublishError>> {
-        let mut state = self.lock();
-        let mut results: Vec<Option<Result<Published, PublishError>>> =
-            uploads.iter().map(|_| None).collect();
+        self.commit_batch(self.prepare_batch(uploads))
+    }
 
-        // 1. Check every upload against the repository and the uploads before
-        //    it in the batch, on copies of the packages they touch.
-        let mut scratch: BTreeMap<String, pb::Package> = BTreeMap::new();
-        let mut candidates = Vec::new();
-        for (i, up) in uploads.iter().enumerate() {
-            match self.stage_artifact(&state.packages, &mut scratch, up) {
-                Ok(()) => candidates.push(i),
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
-        // 2. Archives before any index names them: all in one batch.
-        let mut puts = Vec::with_capacity(candidates.len());
-        for &i in &candidates {
-            match self.layout.path(&uploads[i].info.tree_path()) {
-                Ok(p) => puts.push((p, uploads[i].staged.clone())),
-                Err(e) => results[i] = Some(Err(e.into())),
-            }
-        }
-        candidates.retain(|i| results[*i].is_none());
-        let mut stored = Vec::with_capacity(candidates.len());
-        for (&i, r) in candidates.iter().zip(self.store.put_archives(&puts)) {
-            match r {
-                Ok(()) => stored.push(i),
-                Err(StoreError::AlreadyExists { .. }) => {
-                    let info = &uploads[i].info;
-                    results[i] = Some(Err(PublishError::Conflict(format!(
-                        "{} {} ({}) is already published",
-                        info.name, info.version, info.arch
-                    ))));
-                }
-                Err(e) => results[i] = Some(Err(e.into())),
-            }
-        }
-        if stored.len() < candidates.len() {
-            // Some archives were refused by the store: redo the merge with
-            // only the stored ones (fewer uploads can only conflict less).
-            scratch.clear();
-            for &i in &stored {
-                if let Err(e) = self.stage_artifact(&state.packages, &mut scratch, &uploads[i]) {
-                    results[i] = Some(Err(e));
-                }
-            }
-        }
-        // 3. One rewrite of the touched packages and the global indexes.
-        if !scratch.is_empty() {
-            let touched: BTreeSet<String> = scratch.keys().cloned().collect();
-            let mut undo = Vec::with_capacity(scratch.len());
-            for (name, pkg) in scratch {
-                undo.push((name.clone(), state.packages.insert(name, pkg)));
-            }
-            if let Err(e) = self.write_packages(&mut state, &touched, Vec::new()) {
-                for (name, old) in undo {
-                    match old {
-                        Some(p) => state.packages.insert(name, p),
-                        None => state.packages.remove(&name),
-                    };
-                }
+    /// The first half of [`Publisher::publish_batch`]: checks the uploads and
+    /// prepares one change for those that pass.
+    pub fn prepare_batch(&self, uploads: Vec<Upload>) -> PreparedBatch {
+        let mut state = match self.lock_current() {
+            Ok(s) => s,
+            Err(e) => {
                 let msg = e.to_string();
-                for &i in &stored {
-                    results[i].get_or_insert_with(|| {
-                        Err(PublishError::Invalid(format!("index write failed: {msg}")))
+                return PreparedBatch {
+                    results: uploads
+                        .iter()
+                        .map(|_| Err(PublishError::Aborted(msg.clone())))
+                        .collect(),
+                    prepared: None,
+                };
+            }
+        };
+        let mut results: Vec<Result<Published, PublishError>> = Vec::with_capacity(uploads.len());
+        let mut scratch: BTreeMap<String, pb::Package> = BTreeMap::new();
+        let mut creates = Vec::new();
+        for up in &uploads {
+            let r = self
+                .stage_artifact(&state.packages, &mut scratch, up)
+                .map(|path| {
+                    creates.push(Op::Create {
+                        path: path.clone(),
+                        staged: up.staged.clone(),
+                    });
+                    Published {
+                        name: up.info.name.clone(),
+                        version: up.info.version.clone(),
+                        arch: up.info.arch.clone(),
+                        path,
+                        sha256: up.info.sha256,
+                        size: up.info.size,
+                    }
+                });
+            results.push(r);
+        }
+        if scratch.is_empty() {
+            return PreparedBatch {
+                results,
+                prepared: None,
+            };
+        }
+        let changes = scratch
+            .into_iter()
+            .map(|(name, pkg)| Change {
+                name,
+                new: Some(pkg),
+            })
+            .collect();
+        match self.prepare_changes(&mut state, changes, creates, Vec::new()) {
+            Ok(prepared) => PreparedBatch {
+                results,
+                prepared: Some(prepared),
+            },
+            Err(e) => {
+                let msg = e.to_string();
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(PublishError::Aborted(msg.clone()));
+                }
+                PreparedBatch {
+                    results,
+                    prepared: None,
+                }
+            }
+        }
+    }
+
+    /// The second half of [`Publisher::publish_batch`].
+    pub fn commit_batch(&self, batch: PreparedBatch) -> Vec<Result<Published, PublishError>> {
+        let PreparedBatch {
+            mut results,
+            prepared,
+        } = batch;
+        if let Some(prepared) = prepared {
+            if let Err(e) = self.commit(prepared) {
+                let msg = e.to_string();
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(match &e {
+                        PublishError::Aborted(m) => PublishError::Aborted(m.clone()),
+                        _ => PublishError::Aborted(msg.clone()),
                     });
                 }
             }
         }
-        uploads
-            .iter()
-            .zip(results)
-            .map(|(up, r)| {
-                r.unwrap_or_else(|| {
-                    let info = &up.info;
-                    Ok(Published {
-                        name: info.name.clone(),
-                        version: info.version.clone(),
-                        arch: info.arch.clone(),
-                        path: self.layout.path(&info.tree_path())?,
-                        sha256: info.sha256,
-                        size: info.size,
-                    })
-                })
-            })
-            .collect()
+        results
+    }
+
+    /// Writes a prepared change to the tree, after every change prepared
+    /// before it.
+    pub fn commit(&self, mut prepared: Prepared) -> Result<(), PublishError> {
+        let broken = {
+            let mut q = self.queue.lock();
+            while q.done < prepared.seq {
+                q = self.queue.turn.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            q.broken
+                .as_ref()
+                .filter(|(epoch, _)| *epoch == prepared.epoch)
+                .map(|(_, e)| e.clone())
+        };
+        let result = match broken {
+            Some(e) => Err(PublishError::Aborted(e)),
+            None => self
+                .store
+                .apply(&prepared.stages)
+                .map_err(PublishError::from),
+        };
+        let error = match &result {
+            Ok(()) => None,
+            Err(PublishError::Aborted(e)) => Some(e.clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "writing to the tree failed");
+                Some(e.to_string())
+            }
+        };
+        self.queue.finish(prepared.seq, prepared.epoch, error);
+        prepared.finished = true;
+        result
     }
 
     /// Merges one upload into `scratch` (copies of the packages a batch
-    /// touches), leaving `scratch` unchanged if it is refused.
+    /// touches), leaving `scratch` unchanged if it is refused. Returns the
+    /// archive's path in the tree.
     fn stage_artifact(
         &self,
         packages: &BTreeMap<String, pb::Package>,
         scratch: &mut BTreeMap<String, pb::Package>,
         upload: &Upload,
-    ) -> Result<(), PublishError> {
+    ) -> Result<TreePath, PublishError> {
         let info = &upload.info;
         let name = info.name.as_str();
         if !packages.contains_key(name) && !scratch.contains_key(name) {
@@ -391,9 +573,18 @@ impl Publisher {
         };
         let artifact = artifact_from(info, upload.uploaded_at, upload.signature.as_ref());
         merge_artifact(&mut pkg, info, artifact)?;
+        let path = self.layout.path(&info.tree_path())?;
+        // Not in any index, yet in the tree: left by a publish that was
+        // interrupted before its indexes were written.
+        if self.store.exists(&path)? {
+            return Err(PublishError::Conflict(format!(
+                "{path} already exists in the tree, though no index names it \
+                 (an interrupted publish?); `niso registry build` adopts it"
+            )));
+        }
         render::normalize(&mut pkg);
         scratch.insert(name.to_string(), pkg);
-        Ok(())
+        Ok(path)
     }
 
     /// Removes one artifact; a release without artifacts disappears, with the
@@ -404,57 +595,47 @@ impl Publisher {
         version: &Version,
         arch: &Arch,
     ) -> Result<(), PublishError> {
-        let mut state = self.lock();
-        let not_found =
-            || PublishError::NotFound(format!("{name} {version} ({arch}) is not published"));
-        let mut pkg = state
-            .packages
-            .get(name.as_str())
-            .cloned()
-            .ok_or_else(not_found)?;
-        let ri = pkg
-            .releases
-            .iter()
-            .position(|r| r.version == version.as_str())
-            .ok_or_else(not_found)?;
-        let release = &mut pkg.releases[ri];
-        let ai = release
-            .artifacts
-            .iter()
-            .position(|a| a.arch == arch.as_str())
-            .ok_or_else(not_found)?;
-        let removed = release.artifacts.remove(ai);
-        if removed.path.starts_with(layout::TARBALLS_DIR) {
-            release.inner_checksum.clear();
-            release.outer_checksum = None;
-            release.dependencies.clear();
-        }
-        if release.artifacts.is_empty() {
-            pkg.releases.remove(ri);
-            pkg.tags.retain(|t| t.version != version.as_str());
-        }
-        render::normalize(&mut pkg);
-        let old = if pkg.releases.is_empty() {
-            state.packages.remove(name.as_str())
-        } else {
-            state.packages.insert(name.to_string(), pkg)
-        };
-        let removals = vec![
-            Op::Remove {
-                path: self.layout.path(&removed.path)?,
-            },
-            Op::Remove {
-                path: self.layout.v1_archive(name, version, arch)?,
-            },
-        ];
-        let touched = BTreeSet::from([name.to_string()]);
-        if let Err(e) = self.write_packages(&mut state, &touched, removals) {
-            if let Some(old) = old {
-                state.packages.insert(name.to_string(), old);
+        let prepared = {
+            let mut state = self.lock_current()?;
+            let not_found =
+                || PublishError::NotFound(format!("{name} {version} ({arch}) is not published"));
+            let mut pkg = state
+                .packages
+                .get(name.as_str())
+                .cloned()
+                .ok_or_else(not_found)?;
+            let ri = pkg
+                .releases
+                .iter()
+                .position(|r| r.version == version.as_str())
+                .ok_or_else(not_found)?;
+            let release = &mut pkg.releases[ri];
+            let ai = release
+                .artifacts
+                .iter()
+                .position(|a| a.arch == arch.as_str())
+                .ok_or_else(not_found)?;
+            let removed = release.artifacts.remove(ai);
+            if removed.path.starts_with(layout::TARBALLS_DIR) {
+                release.inner_checksum.clear();
+                release.outer_checksum = None;
+                release.dependencies.clear();
             }
-            return Err(e);
-        }
-        Ok(())
+            if release.artifacts.is_empty() {
+                pkg.releases.remove(ri);
+                pkg.tags.retain(|t| t.version != version.as_str());
+            }
+            render::normalize(&mut pkg);
+            let change = Change {
+                name: name.to_string(),
+                new: (!pkg.releases.is_empty()).then_some(pkg),
+            };
+            let removals = vec![Op::Remove {
+                path: self.layout.path(&removed.path)?,
+            }];
+            self.prepare_changes(&mut state, vec![change], Vec::new(), removals)?
+        };
+        self.commit(prepared)
     }
 
     /// Points `tag` at `version` (creating or moving it).
@@ -464,104 +645,101 @@ impl Publisher {
         tag: &TagName,
         version: &Version,
     ) -> Result<(), PublishError> {
-        let mut state = self.lock();
-        let mut pkg = state
-            .packages
-            .get(name.as_str())
-            .cloned()
-            .ok_or_else(|| PublishError::NotFound(format!("package {name} does not exist")))?;
-        if !pkg.releases.iter().any(|r| r.version == version.as_str()) {
-            return Err(PublishError::NotFound(format!(
-                "{name} {version} is not published"
-            )));
-        }
-        pkg.tags.retain(|t| t.tag != tag.as_str());
-        pkg.tags.push(pb::Tag {
-            tag: tag.to_string(),
-            version: version.to_string(),
-        });
-        render::normalize(&mut pkg);
-        let old = state.packages.insert(name.to_string(), pkg);
-        let touched = BTreeSet::from([name.to_string()]);
-        if let Err(e) = self.write_packages(&mut state, &touched, Vec::new()) {
-            if let Some(old) = old {
-                state.packages.insert(name.to_string(), old);
+        let prepared = {
+            let mut state = self.lock_current()?;
+            let mut pkg =
+                state.packages.get(name.as_str()).cloned().ok_or_else(|| {
+                    PublishError::NotFound(format!("package {name} does not exist"))
+                })?;
+            if !pkg.releases.iter().any(|r| r.version == version.as_str()) {
+                return Err(PublishError::NotFound(format!(
+                    "{name} {version} is not published"
+                )));
             }
-            return Err(e);
-        }
-        Ok(())
+            pkg.tags.retain(|t| t.tag != tag.as_str());
+            pkg.tags.push(pb::Tag {
+                tag: tag.to_string(),
+                version: version.to_string(),
+            });
+            render::normalize(&mut pkg);
+            let change = Change {
+                name: name.to_string(),
+                new: Some(pkg),
+            };
+            self.prepare_changes(&mut state, vec![change], Vec::new(), Vec::new())?
+        };
+        self.commit(prepared)
     }
 
     /// Re-signs the freshness sidecar with a new generation and expiry, and
     /// writes any index that is missing (a new repository's empty ones).
     pub fn refresh(&self) -> Result<(), PublishError> {
-        let mut state = self.lock();
-        self.write_packages(&mut state, &BTreeSet::new(), Vec::new())
+        let prepared = {
+            let mut state = self.lock_current()?;
+            self.prepare_changes(&mut state, Vec::new(), Vec::new(), Vec::new())?
+        };
+        self.commit(prepared)
     }
 
-    /// Writes the touched packages, the global indexes and the sidecar, then
-    /// applies `removals`.
-    fn write_packages(
+    /// Renders `changes` (signing the touched packages in parallel), applies
+    /// them to the model and returns the stages that write them: `creates`
+    /// (new archives) first, `removals` (files no index names any more)
+    /// last. On error the model is unchanged.
+    ///
+    /// The `v1/` files to write are found by comparing what the package's
+    /// old and new content render to, in memory: a publish reads nothing
+    /// from the tree. (`rebuild` compares with the tree itself.)
+    fn prepare_changes(
         &self,
         state: &mut State,
-        touched: &BTreeSet<String>,
-        removals: Vec<Op>,
-    ) -> Result<(), PublishError> {
-        let mut stage_packages = Vec::new();
-        let mut stale = Vec::new();
-        let mut new_digests = Vec::new();
-        for name in touched {
-            let dir = self.layout.v1_dir(name);
-            let existing: BTreeSet<TreePath> = self.store.list(&dir)?.into_iter().collect();
-            match state.packages.get(name) {
-                Some(pkg) => {
-                    let (ops, digest) =
-                        render::package_files(&self.layout, pkg, self.signer.as_ref())?;
-                    let owned: BTreeSet<TreePath> =
-                        render::owned_v1_paths(&ops).into_iter().collect();
-                    stale.extend(
-                        existing
-                            .difference(&owned)
-                            .map(|p| Op::Remove { path: p.clone() }),
-                    );
-                    // Only what changed: the other releases' documents of a
-                    // package with many versions stay as they are.
-                    for op in ops {
-                        if !existing.contains(op.path()) || !self.unchanged(&op)? {
-                            stage_packages.push(op);
-                        }
-                    }
-                    new_digests.push((format!("{}/{name}", layout::PACKAGES_DIR), Some(digest)));
+        changes: Vec<Change>,
+        creates: Vec<Op>,
+        mut removals: Vec<Op>,
+    ) -> Result<Prepared, PublishError> {
+        // Unchanged packages (a tag set to where it points) are left alone.
+        let changes: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| state.packages.get(&c.name) != c.new.as_ref())
+            .collect();
+        let rendered: Vec<RenderedChange> = {
+            let old = &state.packages;
+            changes
+                .par_iter()
+                .map(|c| self.render_change(old.get(&c.name), c))
+                .collect::<Result<_, _>>()?
+        };
+
+        // Rows and which global files they change.
+        let mut wanted = render::Wanted {
+            versions: !state.top.contains_key(layout::VERSIONS),
+            names: !state.top.contains_key(layout::NAMES),
+            v1_index: false,
+        };
+        let new_rows: BTreeMap<&str, Option<render::Row>> = changes
+            .iter()
+            .map(|c| (c.name.as_str(), c.new.as_ref().map(render::row)))
+            .collect();
+        for (name, row) in &new_rows {
+            match (state.rows.get(*name), row) {
+                (Some(old), Some(new)) => {
+                    wanted.versions |= old.versions != new.versions;
+                    wanted.names |= old.names != new.names;
+                    wanted.v1_index |= old.json != new.json;
                 }
-                None => {
-                    let pname = PackageName::new(name)?;
-                    stale.extend(existing.into_iter().map(|p| Op::Remove { path: p }));
-                    stale.push(Op::Remove {
-                        path: self.layout.package(&pname)?,
-                    });
-                    new_digests.push((format!("{}/{name}", layout::PACKAGES_DIR), None));
-                }
+                (None, None) => {}
+                _ => wanted = render::Wanted::ALL,
             }
         }
-        // Rows of the touched packages, merged in name order with the kept
-        // rows of all the others.
-        let new_rows: BTreeMap<&String, Option<render::Row>> = touched
-            .iter()
-            .map(|n| (n, state.packages.get(n).map(render::row)))
-            .collect();
-        // `names` changes only when a package appears or disappears.
-        let names_changed = touched
-            .iter()
-            .any(|n| state.rows.contains_key(n) != state.packages.contains_key(n))
-            || !state.digests.contains_key(layout::NAMES);
-        let globals = {
+        // The v1 list is written with the first indexes of a repository.
+        wanted.v1_index |= state.top.is_empty();
+        let globals = if wanted.versions || wanted.names || wanted.v1_index {
             let mut merged = Vec::with_capacity(state.rows.len() + new_rows.len());
             let mut fresh = new_rows.iter().peekable();
             for (name, row) in &state.rows {
-                while let Some((_, r)) = fresh.next_if(|(n, _)| **n < name) {
+                while let Some((_, r)) = fresh.next_if(|(n, _)| **n < name.as_str()) {
                     merged.extend(r.as_ref());
                 }
-                match fresh.next_if(|(n, _)| *n == &name) {
+                match fresh.next_if(|(n, _)| **n == name.as_str()) {
                     Some((_, r)) => merged.extend(r.as_ref()),
                     None => merged.push(row),
                 }
@@ -570,56 +748,48 @@ impl Publisher {
             render::global_files(
                 self.repository.as_str(),
                 merged,
-                names_changed,
+                wanted,
                 self.signer.as_ref(),
             )?
-        };
-        // Update the digests in place (a copy costs O(N) per publish) and
-        // put them back if the write fails.
-        let mut undo: Vec<(String, Option<Digest256>)> = Vec::with_capacity(new_digests.len() + 2);
-        new_digests.push((
-            layout::VERSIONS.into(),
-            Some(Digest256::of(&globals.versions)),
-        ));
-        if let Some(names) = &globals.names {
-            new_digests.push((layout::NAMES.into(), Some(Digest256::of(names))));
-        }
-        for (path, d) in new_digests {
-            let old = match d {
-                Some(d) => state.digests.insert(path.clone(), d),
-                None => state.digests.remove(&path),
-            };
-            undo.push((path, old));
-        }
-        let written = self.write_globals(state, stage_packages, globals, removals, stale);
-        if written.is_ok() {
-            for (name, row) in new_rows {
-                match row {
-                    Some(r) => state.rows.insert(name.clone(), r),
-                    None => state.rows.remove(name),
-                };
-            }
         } else {
-            for (path, old) in undo.into_iter().rev() {
-                match old {
-                    Some(d) => state.digests.insert(path, d),
-                    None => state.digests.remove(&path),
-                };
+            render::GlobalFiles::default()
+        };
+
+        // The bins the changed packages live in, and the top-level list.
+        let mut bins: BTreeMap<u8, BTreeMap<String, Digest256>> = BTreeMap::new();
+        for bin in &state.dirty_bins {
+            bins.insert(*bin, state.bins[usize::from(*bin)].clone());
+        }
+        for r in &rendered {
+            let bin = render::bin_of(&r.name);
+            let entry = bins
+                .entry(bin)
+                .or_insert_with(|| state.bins[usize::from(bin)].clone());
+            match &r.digest {
+                Some(d) => entry.insert(r.name.clone(), d.clone()),
+                None => entry.remove(&r.name),
+            };
+        }
+        let mut top = state.top.clone();
+        if let Some(v) = &globals.versions {
+            top.insert(layout::VERSIONS.into(), Digest256::of(v));
+        }
+        if let Some(n) = &globals.names {
+            top.insert(layout::NAMES.into(), Digest256::of(n));
+        }
+        let mut bin_ops = Vec::new();
+        for (bin, digests) in &bins {
+            let rel = Layout::freshness_bin_rel(*bin);
+            let path = self.layout.freshness_bin(*bin)?;
+            if digests.is_empty() {
+                top.remove(&rel);
+                removals.push(Op::Remove { path });
+            } else {
+                let bytes = render::freshness_bin(self.repository.as_str(), *bin, digests);
+                top.insert(rel, Digest256::of(&bytes));
+                bin_ops.push(Op::Put { path, bytes });
             }
         }
-        written
-    }
-
-    /// The stages after the packages: `versions`, `names` (with the key and
-    /// the v1 list), the freshness record, then removals.
-    fn write_globals(
-        &self,
-        state: &mut State,
-        stage_packages: Vec<Op>,
-        globals: render::GlobalFiles,
-        mut removals: Vec<Op>,
-        stale: Vec<Op>,
-    ) -> Result<(), PublishError> {
         let generation = state.generation + 1;
         let now = (self.clock)();
         let fresh = render::freshness(
@@ -627,45 +797,120 @@ impl Publisher {
             generation,
             now,
             now + self.options.freshness_ttl,
-            &state.digests,
+            &top,
             self.signer.as_ref(),
         )?;
-        let mut names_stage = Vec::with_capacity(3);
-        let key_path = self.layout.path(layout::PUBLIC_KEY)?;
-        let public_key = self.signer.public_key().to_pem().into_bytes();
-        if self.store.get(&key_path)?.as_deref() != Some(public_key.as_slice()) {
-            names_stage.push(Op::Put {
-                path: key_path,
-                bytes: public_key,
-            });
-        }
-        if let Some(names) = globals.names {
-            names_stage.push(Op::Put {
-                path: self.layout.path(layout::NAMES)?,
-                bytes: names,
-            });
-        }
-        names_stage.push(Op::Put {
-            path: self.layout.path(layout::V1_INDEX)?,
-            bytes: globals.v1_index,
-        });
-        removals.extend(stale);
+
         // versions before names: a reader of names finds every package in
         // versions. All of them become visible in this order, after the
-        // packages they name are durable.
-        let mut globals_stage = vec![Op::Put {
-            path: self.layout.path(layout::VERSIONS)?,
-            bytes: globals.versions,
-        }];
-        globals_stage.extend(names_stage);
-        globals_stage.push(Op::Put {
+        // packages they name are durable; the freshness record last.
+        let mut global_ops = Vec::with_capacity(bin_ops.len() + 5);
+        if let Some(bytes) = globals.versions {
+            global_ops.push(Op::Put {
+                path: self.layout.path(layout::VERSIONS)?,
+                bytes,
+            });
+        }
+        if !state.key_written {
+            global_ops.push(Op::Put {
+                path: self.layout.path(layout::PUBLIC_KEY)?,
+                bytes: self.public_key_pem(),
+            });
+        }
+        if let Some(bytes) = globals.names {
+            global_ops.push(Op::Put {
+                path: self.layout.path(layout::NAMES)?,
+                bytes,
+            });
+        }
+        if let Some(bytes) = globals.v1_index {
+            global_ops.push(Op::Put {
+                path: self.layout.path(layout::V1_INDEX)?,
+                bytes,
+            });
+        }
+        global_ops.extend(bin_ops);
+        global_ops.push(Op::Put {
             path: self.layout.path(layout::FRESHNESS)?,
             bytes: fresh,
         });
-        let stages = vec![stage_packages, globals_stage, removals];
-        self.store.apply(&stages)?;
+
+        let mut package_ops = Vec::new();
+        for r in rendered {
+            package_ops.extend(r.writes);
+            removals.extend(r.removals);
+        }
+
+        // Nothing below fails: apply the change to the model.
+        for (name, row) in new_rows {
+            match row {
+                Some(r) => state.rows.insert(name.to_string(), r),
+                None => state.rows.remove(name),
+            };
+        }
+        for c in changes {
+            match c.new {
+                Some(p) => state.packages.insert(c.name, p),
+                None => state.packages.remove(&c.name),
+            };
+        }
+        for (bin, digests) in bins {
+            state.bins[usize::from(bin)] = digests;
+        }
+        state.dirty_bins.clear();
+        state.top = top;
+        state.key_written = true;
         state.generation = generation;
-        Ok(())
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        Ok(Prepared {
+            seq,
+            epoch: state.epoch,
+            stages: vec![creates, package_ops, global_ops, removals],
+            queue: self.queue.clone(),
+            finished: false,
+        })
+    }
+
+    /// The files one package change writes and removes.
+    fn render_change(
+        &self,
+        old: Option<&pb::Package>,
+        change: &Change,
+    ) -> Result<RenderedChange, PublishError> {
+        let old_ops = match old {
+            Some(p) => render::v1_files(&self.layout, p)?,
+            None => Vec::new(),
+        };
+        let (new_ops, digest) = match &change.new {
+            Some(p) => {
+                let (ops, d) = render::package_files(&self.layout, p, self.signer.as_ref())?;
+                (ops, Some(d))
+            }
+            None => (Vec::new(), None),
+        };
+        let new_paths: BTreeSet<&TreePath> = new_ops.iter().map(Op::path).collect();
+        let mut removals: Vec<Op> = old_ops
+            .iter()
+            .map(Op::path)
+            .filter(|p| !new_paths.contains(p))
+            .map(|p| Op::Remove { path: p.clone() })
+            .collect();
+        if change.new.is_none() {
+            removals.push(Op::Remove {
+                path: self.layout.package(&PackageName::new(&change.name)?)?,
+            });
+        }
+        let writes = new_ops
+            .into_iter()
+            .filter(|op| !old_ops.iter().any(|o| same_op(o, op)))
+            .collect();
+        Ok(RenderedChange {
+            name: change.name.clone(),
+            writes,
+            removals,
+            digest,
+        })
     }
 
     /// Regenerates every index of the repository from the archives in the
@@ -676,10 +921,21 @@ impl Publisher {
     /// an archive no index knows gets its file's modification time as upload
     /// time. Any bad archive refuses the whole rebuild, changing nothing.
     pub fn rebuild(&self) -> Result<RebuildReport, PublishError> {
-        let mut state = self.lock();
+        let (prepared, report) = {
+            let mut state = self.lock_current()?;
+            self.prepare_rebuild(&mut state)?
+        };
+        self.commit(prepared)?;
+        Ok(report)
+    }
+
+    fn prepare_rebuild(
+        &self,
+        state: &mut State,
+    ) -> Result<(Prepared, RebuildReport), PublishError> {
         let mut paths = self.store.list(&self.layout.dir(layout::TARBALLS_DIR))?;
         paths.extend(self.store.list(&self.layout.dir(layout::ARCHIVES_DIR))?);
-        let inspected = self.inspect_all(&paths);
+        let inspected: Vec<_> = paths.par_iter().map(|p| self.inspect_one(p)).collect();
 
         let mut problems = Vec::new();
         let mut packages: BTreeMap<String, pb::Package> = BTreeMap::new();
@@ -776,27 +1032,22 @@ impl Publisher {
         };
 
         // Everything that is not an archive is derived: render it all, write
-        // what differs, remove what no longer belongs.
-        let rendered = self.render_all(&packages, &state)?;
-        let mut existing: BTreeSet<TreePath> = self
-            .store
-            .list(&self.layout.dir(layout::PACKAGES_DIR))?
-            .into_iter()
-            .collect();
-        existing.extend(self.store.list(&self.layout.dir("v1"))?);
-        let mut stage_packages = Vec::new();
+        // what differs from the tree, remove what no longer belongs.
+        let rendered = self.render_all(&packages, state)?;
+        let mut existing: BTreeSet<TreePath> = BTreeSet::new();
+        for dir in [layout::PACKAGES_DIR, "v1", layout::FRESHNESS_BINS_DIR] {
+            existing.extend(self.store.list(&self.layout.dir(dir))?);
+        }
         let mut keep = BTreeSet::new();
-        let mut digests = BTreeMap::new();
+        let mut bins = vec![BTreeMap::new(); render::FRESHNESS_BINS];
+        let mut candidates = Vec::new();
         for (name, ops, digest) in rendered {
-            digests.insert(format!("{}/{name}", layout::PACKAGES_DIR), digest);
             // Kept even when unchanged and so not rendered again.
             keep.insert(self.layout.package(&PackageName::new(&name)?)?);
+            bins[usize::from(render::bin_of(&name))].insert(name, digest);
             for op in ops {
                 keep.insert(op.path().clone());
-                if existing.contains(op.path()) && self.unchanged(&op)? {
-                    continue;
-                }
-                stage_packages.push(op);
+                candidates.push(op);
             }
         }
         let rows: BTreeMap<String, render::Row> = packages
@@ -806,14 +1057,41 @@ impl Publisher {
         let globals = render::global_files(
             self.repository.as_str(),
             rows.values(),
-            true,
+            render::Wanted::ALL,
             self.signer.as_ref(),
         )?;
-        digests.insert(layout::VERSIONS.into(), Digest256::of(&globals.versions));
-        if let Some(names) = &globals.names {
-            digests.insert(layout::NAMES.into(), Digest256::of(names));
+        let (Some(versions), Some(names), Some(v1_index)) =
+            (globals.versions, globals.names, globals.v1_index)
+        else {
+            return Err(PublishError::Invalid("global files not rendered".into()));
+        };
+        let mut top = BTreeMap::new();
+        top.insert(layout::VERSIONS.to_string(), Digest256::of(&versions));
+        top.insert(layout::NAMES.to_string(), Digest256::of(&names));
+        for (bin, digests) in bins.iter().enumerate() {
+            if digests.is_empty() {
+                continue;
+            }
+            let bin = bin as u8;
+            let bytes = render::freshness_bin(self.repository.as_str(), bin, digests);
+            top.insert(Layout::freshness_bin_rel(bin), Digest256::of(&bytes));
+            let path = self.layout.freshness_bin(bin)?;
+            keep.insert(path.clone());
+            candidates.push(Op::Put { path, bytes });
         }
         keep.insert(self.layout.path(layout::V1_INDEX)?);
+        // Comparing with the tree reads every file: on as many threads as
+        // the machine has.
+        let unchanged: Vec<bool> = candidates
+            .par_iter()
+            .map(|op| Ok(existing.contains(op.path()) && self.unchanged(op)?))
+            .collect::<Result<_, PublishError>>()?;
+        let stage_packages: Vec<Op> = candidates
+            .into_iter()
+            .zip(unchanged)
+            .filter(|(_, same)| !same)
+            .map(|(op, _)| op)
+            .collect();
         let removals: Vec<Op> = existing
             .difference(&keep)
             .map(|p| Op::Remove { path: p.clone() })
@@ -821,16 +1099,56 @@ impl Publisher {
         report.files_written = stage_packages.len() + 4;
         report.files_removed = removals.len();
 
-        let previous = std::mem::replace(&mut state.digests, digests);
-        if let Err(e) =
-            self.write_globals(&mut state, stage_packages, globals, removals, Vec::new())
-        {
-            state.digests = previous;
-            return Err(e);
+        let generation = state.generation + 1;
+        let now = (self.clock)();
+        let fresh = render::freshness(
+            self.repository.as_str(),
+            generation,
+            now,
+            now + self.options.freshness_ttl,
+            &top,
+            self.signer.as_ref(),
+        )?;
+        let mut global_ops = vec![Op::Put {
+            path: self.layout.path(layout::VERSIONS)?,
+            bytes: versions,
+        }];
+        if !state.key_written {
+            global_ops.push(Op::Put {
+                path: self.layout.path(layout::PUBLIC_KEY)?,
+                bytes: self.public_key_pem(),
+            });
         }
+        global_ops.push(Op::Put {
+            path: self.layout.path(layout::NAMES)?,
+            bytes: names,
+        });
+        global_ops.push(Op::Put {
+            path: self.layout.path(layout::V1_INDEX)?,
+            bytes: v1_index,
+        });
+        global_ops.push(Op::Put {
+            path: self.layout.path(layout::FRESHNESS)?,
+            bytes: fresh,
+        });
+
         state.packages = packages;
         state.rows = rows;
-        Ok(report)
+        state.bins = bins;
+        state.top = top;
+        state.dirty_bins.clear();
+        state.key_written = true;
+        state.generation = generation;
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let prepared = Prepared {
+            seq,
+            epoch: state.epoch,
+            stages: vec![stage_packages, global_ops, removals],
+            queue: self.queue.clone(),
+            finished: false,
+        };
+        Ok((prepared, report))
     }
 
     /// Whether `op` would leave the tree as it is (same bytes, or a link to
@@ -847,32 +1165,8 @@ impl Publisher {
                 };
                 Ok(crate::store::same_inode(&a, &b))
             }
-            Op::Remove { .. } => Ok(false),
+            Op::Remove { .. } | Op::Create { .. } => Ok(false),
         }
-    }
-
-    /// Inspects archives on two threads (or more when the machine has them).
-    fn inspect_all(&self, paths: &[TreePath]) -> Vec<Result<(ArchiveInfo, i64), PublishError>> {
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(8);
-        let chunk = paths.len().div_ceil(workers).max(1);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = paths
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || part.iter().map(|p| self.inspect_one(p)).collect::<Vec<_>>())
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        vec![Err(PublishError::Invalid("archive reader panicked".into()))]
-                    })
-                })
-                .collect()
-        })
     }
 
     fn inspect_one(&self, path: &TreePath) -> Result<(ArchiveInfo, i64), PublishError> {
@@ -889,9 +1183,9 @@ impl Publisher {
         Ok((info, mtime))
     }
 
-    /// Renders every package, signing on several threads: RSA signatures are
-    /// most of a rebuild's CPU time. A package whose content equals the
-    /// current (verified) index is not signed again: its index stays as it is.
+    /// Renders every package, signing in parallel: RSA signatures are most
+    /// of a rebuild's CPU time. A package whose content equals the current
+    /// (verified) index is not signed again: its index stays as it is.
     #[allow(clippy::type_complexity)]
     fn render_all(
         &self,
@@ -899,44 +1193,40 @@ impl Publisher {
         current: &State,
     ) -> Result<Vec<(String, Vec<Op>, Digest256)>, PublishError> {
         let list: Vec<&pb::Package> = packages.values().collect();
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(8);
-        let chunk = list.len().div_ceil(workers).max(1);
-        let render = |p: &pb::Package| -> Result<(String, Vec<Op>, Digest256), PublishError> {
-            let path = format!("{}/{}", layout::PACKAGES_DIR, p.name);
-            if current.packages.get(&p.name) == Some(p) {
-                if let Some(d) = current.digests.get(&path) {
-                    return Ok((
-                        p.name.clone(),
-                        render::v1_files(&self.layout, p)?,
-                        d.clone(),
-                    ));
+        list.par_iter()
+            .map(|p| {
+                if current.packages.get(&p.name) == Some(*p) {
+                    let bin = &current.bins[usize::from(render::bin_of(&p.name))];
+                    if let Some(d) = bin.get(&p.name) {
+                        return Ok((
+                            p.name.clone(),
+                            render::v1_files(&self.layout, p)?,
+                            d.clone(),
+                        ));
+                    }
                 }
-            }
-            let (ops, d) = render::package_files(&self.layout, p, self.signer.as_ref())?;
-            Ok((p.name.clone(), ops, d))
-        };
-        std::thread::scope(|s| {
-            let handles: Vec<_> = list
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|p| render(p))
-                            .collect::<Result<Vec<_>, _>>()
-                    })
-                })
-                .collect();
-            let mut out = Vec::with_capacity(list.len());
-            for h in handles {
-                let part = h
-                    .join()
-                    .map_err(|_| PublishError::Invalid("index renderer panicked".into()))??;
-                out.extend(part);
-            }
-            Ok(out)
-        })
+                let (ops, d) = render::package_files(&self.layout, p, self.signer.as_ref())?;
+                Ok((p.name.clone(), ops, d))
+            })
+            .collect()
+    }
+}
+
+/// What one package change writes and removes, and the new digest of its
+/// `packages/NAME` (`None`: removed).
+struct RenderedChange {
+    name: String,
+    writes: Vec<Op>,
+    removals: Vec<Op>,
+    digest: Option<Digest256>,
+}
+
+/// Whether two ops leave the same file at the same path.
+fn same_op(a: &Op, b: &Op) -> bool {
+    match (a, b) {
+        (Op::Put { path: p, bytes: x }, Op::Put { path: q, bytes: y }) => p == q && x == y,
+        (Op::Link { from: f, to: t }, Op::Link { from: g, to: u }) => f == g && t == u,
+        _ => false,
     }
 }
 

@@ -12,7 +12,7 @@ use crate::ident::{Arch, PackageName, Version};
 use crate::index::codec::encode_payload;
 use crate::index::json::{self, Manifest, ManifestBinary, ManifestIsolation, ManifestPackage};
 use crate::index::{encode_index, pb, Signer};
-use crate::store::{Op, TreePath};
+use crate::store::Op;
 
 /// SHA-256 and length of a file, for the freshness sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,9 +182,9 @@ pub fn summary(pkg: &pb::Package) -> json::PackageSummary {
 /// the global files by concatenation instead of re-encoding every package.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    versions: Vec<u8>,
-    names: Vec<u8>,
-    json: Vec<u8>,
+    pub(super) versions: Vec<u8>,
+    pub(super) names: Vec<u8>,
+    pub(super) json: Vec<u8>,
 }
 
 /// A package's entry in `versions`: its versions in index order, and the
@@ -224,50 +224,113 @@ pub fn row(pkg: &pb::Package) -> Row {
     }
 }
 
-/// `versions`, `names` and `v1/packages/index.json` for the whole repository.
+/// `versions`, `names` and `v1/packages/index.json` for the whole
+/// repository; `None` for each one the caller knows did not change.
+#[derive(Default)]
 pub struct GlobalFiles {
-    pub versions: Vec<u8>,
-    /// `None` when the caller knows `names` did not change.
+    pub versions: Option<Vec<u8>>,
     pub names: Option<Vec<u8>>,
-    pub v1_index: Vec<u8>,
+    pub v1_index: Option<Vec<u8>>,
+}
+
+/// Which global files to render.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub versions: bool,
+    pub names: bool,
+    pub v1_index: bool,
+}
+
+impl Wanted {
+    pub const ALL: Wanted = Wanted {
+        versions: true,
+        names: true,
+        v1_index: true,
+    };
 }
 
 /// The global files from every package's [`Row`], in name order. Byte for
 /// byte what encoding the whole `Versions`/`Names` messages and the
-/// `PackageList` document gives (a unit test holds it to that).
+/// `PackageList` document gives (a unit test holds it to that). `versions`
+/// and `names` are signed on two threads.
 pub fn global_files<'a>(
     repository: &str,
     rows: impl IntoIterator<Item = &'a Row>,
-    with_names: bool,
+    wanted: Wanted,
     signer: &dyn Signer,
 ) -> Result<GlobalFiles, PublishError> {
     let (mut versions, mut names, mut list) = (Vec::new(), Vec::new(), b"{\"packages\":[".to_vec());
     for (i, r) in rows.into_iter().enumerate() {
-        versions.extend_from_slice(&r.versions);
-        names.extend_from_slice(&r.names);
-        if i > 0 {
-            list.push(b',');
+        if wanted.versions {
+            versions.extend_from_slice(&r.versions);
         }
-        list.extend_from_slice(&r.json);
+        if wanted.names {
+            names.extend_from_slice(&r.names);
+        }
+        if wanted.v1_index {
+            if i > 0 {
+                list.push(b',');
+            }
+            list.extend_from_slice(&r.json);
+        }
     }
     // Field 2, after the repeated field 1, as prost orders fields.
     let repository = repository.to_string();
     prost::encoding::string::encode(2, &repository, &mut versions);
     prost::encoding::string::encode(2, &repository, &mut names);
     list.extend_from_slice(b"]}\n");
-    Ok(GlobalFiles {
-        versions: encode_payload(versions, signer)?,
-        names: if with_names {
-            Some(encode_payload(names, signer)?)
+    let sign = |wanted: bool, payload: Vec<u8>| -> Result<Option<Vec<u8>>, PublishError> {
+        Ok(if wanted {
+            Some(encode_payload(payload, signer)?)
         } else {
             None
-        },
-        v1_index: list,
+        })
+    };
+    let (versions, names) = if wanted.versions && wanted.names {
+        rayon::join(
+            || sign(wanted.versions, versions),
+            || sign(wanted.names, names),
+        )
+    } else {
+        (sign(wanted.versions, versions), sign(wanted.names, names))
+    };
+    Ok(GlobalFiles {
+        versions: versions?,
+        names: names?,
+        v1_index: wanted.v1_index.then_some(list),
     })
 }
 
+/// How many freshness bins a repository's package digests are spread over.
+pub const FRESHNESS_BINS: usize = 256;
+
+/// The freshness bin of a package: the first byte of the SHA-256 of its name
+/// (uniform, and the same on every machine).
+pub fn bin_of(name: &str) -> u8 {
+    Sha256::digest(name.as_bytes())[0]
+}
+
+/// `freshness-bins/XX`: the digest of every `packages/NAME` in bin `bin`,
+/// by package name. Plain protobuf: the signed `freshness` holds its digest.
+pub fn freshness_bin(repository: &str, bin: u8, digests: &BTreeMap<String, Digest256>) -> Vec<u8> {
+    use prost::Message;
+    pb::FreshnessBin {
+        repository: repository.to_string(),
+        bin: u32::from(bin),
+        files: digests
+            .iter()
+            .map(|(name, d)| pb::FileDigest {
+                path: format!("{}/{name}", super::layout::PACKAGES_DIR),
+                sha256: d.sha256.to_vec(),
+                length: d.length,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
 /// The signed freshness sidecar over `digests` (path relative to the
-/// repository root -> digest).
+/// repository root -> digest): `names`, `versions` and the bins.
 pub fn freshness(
     repository: &str,
     generation: u64,
@@ -291,15 +354,6 @@ pub fn freshness(
             .collect(),
     };
     Ok(crate::index::codec::encode_index_stored(&msg, signer)?)
-}
-
-/// Paths of the `v1/` files [`package_files`] writes, to find stale ones.
-pub fn owned_v1_paths(ops: &[Op]) -> Vec<TreePath> {
-    ops.iter()
-        .map(Op::path)
-        .filter(|p| p.as_str().contains("v1/packages/"))
-        .cloned()
-        .collect()
 }
 
 #[cfg(test)]
@@ -338,9 +392,14 @@ mod tests {
             package("gamma_x", &[], &[]),
         ];
         let rows: Vec<Row> = pkgs.iter().map(row).collect();
-        let g = global_files("acme", &rows, true, &key).unwrap();
-        let versions: pb::Versions =
-            decode_index(&g.versions, key.public_key(), "acme", 1 << 20).unwrap();
+        let g = global_files("acme", &rows, Wanted::ALL, &key).unwrap();
+        let versions: pb::Versions = decode_index(
+            g.versions.as_ref().unwrap(),
+            key.public_key(),
+            "acme",
+            1 << 20,
+        )
+        .unwrap();
         let whole = pb::Versions {
             packages: pkgs
                 .iter()
@@ -360,7 +419,12 @@ mod tests {
         };
         assert_eq!(versions, whole);
         assert_eq!(
-            crate::index::codec::verified_payload(&g.versions, key.public_key(), 1 << 20).unwrap(),
+            crate::index::codec::verified_payload(
+                g.versions.as_ref().unwrap(),
+                key.public_key(),
+                1 << 20
+            )
+            .unwrap(),
             whole.encode_to_vec()
         );
         let names = pb::Names {
@@ -384,10 +448,15 @@ mod tests {
         let list = json::PackageList {
             packages: pkgs.iter().map(summary).collect(),
         };
-        assert_eq!(g.v1_index, json::to_bytes(&list));
-        // And an empty repository.
-        let g = global_files("acme", &[], false, &key).unwrap();
-        assert!(g.names.is_none());
-        assert_eq!(g.v1_index, b"{\"packages\":[]}\n");
+        assert_eq!(g.v1_index.unwrap(), json::to_bytes(&list));
+        // And an empty repository, where only the list is wanted.
+        let only_list = Wanted {
+            versions: false,
+            names: false,
+            v1_index: true,
+        };
+        let g = global_files("acme", &[], only_list, &key).unwrap();
+        assert!(g.names.is_none() && g.versions.is_none());
+        assert_eq!(g.v1_index.unwrap(), b"{\"packages\":[]}\n");
     }
 }

@@ -22,6 +22,58 @@ struct StageDirs {
     created: std::collections::HashSet<PathBuf>,
 }
 
+/// One op of a stage, prepared: everything but the step that makes it
+/// visible, which waits for the stage's sync round.
+enum Step {
+    /// A temp file to rename over `full`; `new_bytes` when its data is new
+    /// (not a link to a file that is durable already).
+    Rename {
+        tmp: tempfile::TempPath,
+        full: PathBuf,
+        new_bytes: bool,
+    },
+    Remove {
+        full: PathBuf,
+    },
+    /// An archive to link into place, failing if `full` exists.
+    Create {
+        src: Source,
+        full: PathBuf,
+    },
+}
+
+impl Step {
+    /// The file whose data the sync round must make durable, if any.
+    fn new_bytes(&self) -> Option<&Path> {
+        match self {
+            Step::Rename {
+                tmp,
+                new_bytes: true,
+                ..
+            } => Some(tmp.as_ref()),
+            Step::Create { src, .. } => Some(src.path()),
+            _ => None,
+        }
+    }
+}
+
+/// Where an archive to create comes from.
+enum Source {
+    /// The staged file itself, on the tree's file system.
+    Staged(PathBuf),
+    /// A copy beside the target (staging is on another file system).
+    Copied(tempfile::TempPath),
+}
+
+impl Source {
+    fn path(&self) -> &Path {
+        match self {
+            Source::Staged(p) => p,
+            Source::Copied(t) => t.as_ref(),
+        }
+    }
+}
+
 /// A tree rooted at a directory.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -110,43 +162,33 @@ impl LocalStore {
         }
     }
 
-    /// Links a staged archive into place, failing if the path exists.
-    fn link_new(
+    /// Prepares a staged archive for [`Op::Create`]: world-readable, and on
+    /// the tree's file system (copied into a temp file beside its target when
+    /// staging is elsewhere), so the link that publishes it cannot fail with
+    /// EXDEV after the sync round.
+    fn prepare_create(
         &self,
-        path: &TreePath,
+        full: &Path,
         staged: &Path,
         dirs: &mut StageDirs,
-    ) -> Result<(), StoreError> {
-        let full = self.full(path);
-        let parent = self.ensure_parent(&full, dirs)?;
-        let exists = || StoreError::AlreadyExists {
-            path: path.to_string(),
-        };
-        // link(2) fails with EEXIST if the target exists: an atomic create,
-        // so exactly one of two racing uploads wins.
-        match fs::hard_link(staged, &full) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
-            Err(e) if is_cross_device(&e) => {
-                // Staging on another file system: copy to a temp file here,
-                // then link that into place (still an atomic create).
-                let tmp = tempfile::Builder::new()
-                    .prefix(".tmp-")
-                    .tempfile_in(&parent)
-                    .map_err(io_err("create temp file in", &parent))?;
-                fs::copy(staged, tmp.path()).map_err(io_err("copy", staged))?;
-                tmp.as_file().sync_all().map_err(io_err("sync", &full))?;
-                match fs::hard_link(tmp.path(), &full) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
-                    Err(e) => return Err(io_err("link", &full)(e)),
-                }
-            }
-            Err(e) => return Err(io_err("link", &full)(e)),
+    ) -> Result<Source, StoreError> {
+        let parent = self.ensure_parent(full, dirs)?;
+        if same_device(staged, &parent) {
+            set_readable_path(staged)?;
+            return Ok(Source::Staged(staged.to_path_buf()));
         }
-        set_readable_path(&full)?;
-        dirs.sync.insert(parent);
-        Ok(())
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".tmp-");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(fs::Permissions::from_mode(0o644));
+        }
+        let tmp = builder
+            .tempfile_in(&parent)
+            .map_err(io_err("create temp file in", &parent))?;
+        fs::copy(staged, tmp.path()).map_err(io_err("copy", staged))?;
+        Ok(Source::Copied(tmp.into_temp_path()))
     }
 
     /// Makes files or directories durable: one `syncfs` for many, otherwise
@@ -186,40 +228,6 @@ impl Store for LocalStore {
         full.try_exists().map_err(io_err("check", &full))
     }
 
-    fn put_archives(&self, archives: &[(TreePath, PathBuf)]) -> Vec<Result<(), StoreError>> {
-        // The archives' bytes first (all at once), then the links, then the
-        // directories that got them.
-        if let Err(e) = self.sync_all(archives.iter().map(|(_, staged)| staged.as_path())) {
-            let msg = e.to_string();
-            return archives
-                .iter()
-                .map(|(p, _)| {
-                    Err(StoreError::Io {
-                        action: "sync",
-                        path: p.to_string(),
-                        source: io::Error::other(msg.clone()),
-                    })
-                })
-                .collect();
-        }
-        let mut dirs = StageDirs::default();
-        let mut results: Vec<Result<(), StoreError>> = archives
-            .iter()
-            .map(|(path, staged)| self.link_new(path, staged, &mut dirs))
-            .collect();
-        if let Err(e) = self.sync_all(dirs.sync.iter().map(PathBuf::as_path)) {
-            let msg = e.to_string();
-            for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = Err(StoreError::Io {
-                    action: "sync",
-                    path: "archive directory".into(),
-                    source: io::Error::other(msg.clone()),
-                });
-            }
-        }
-        results
-    }
-
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError> {
         // Renames of the previous stage, whose directories still need a sync.
         // That sync shares a round with the next stage's data sync: both must
@@ -231,16 +239,17 @@ impl Store for LocalStore {
                 continue;
             }
             let mut dirs = StageDirs::default();
-            // ((temp file or None for a removal, final path), holds new bytes)
-            #[allow(clippy::type_complexity)]
-            let mut staged: Vec<((Option<tempfile::TempPath>, PathBuf), bool)> =
-                Vec::with_capacity(stage.len());
+            let mut steps: Vec<Step> = Vec::with_capacity(stage.len());
             for op in stage {
                 match op {
                     Op::Put { path, bytes } => {
                         let full = self.full(path);
                         let tmp = self.stage_bytes(&full, bytes, &mut dirs)?;
-                        staged.push(((Some(tmp), full), true));
+                        steps.push(Step::Rename {
+                            tmp,
+                            full,
+                            new_bytes: true,
+                        });
                     }
                     Op::Link { from, to } => {
                         let src = self.full(from);
@@ -265,43 +274,69 @@ impl Store for LocalStore {
                         }
                         // Link into a fresh temp name, then rename over the
                         // target: replacing a link is then atomic too.
-                        let tmp_path = tempfile::Builder::new()
+                        let tmp = tempfile::Builder::new()
                             .prefix(".tmp-")
                             .make_in(&parent, |p| fs::hard_link(&src, p))
                             .map_err(io_err("link", &full))?
                             .into_temp_path();
-                        staged.push(((Some(tmp_path), full), false));
+                        steps.push(Step::Rename {
+                            tmp,
+                            full,
+                            new_bytes: false,
+                        });
                     }
-                    Op::Remove { path } => staged.push(((None, self.full(path)), false)),
+                    Op::Remove { path } => steps.push(Step::Remove {
+                        full: self.full(path),
+                    }),
+                    Op::Create { path, staged } => {
+                        let full = self.full(path);
+                        let src = self.prepare_create(&full, staged, &mut dirs)?;
+                        steps.push(Step::Create { src, full });
+                    }
                 }
             }
-            // Only written bytes need syncing: links share their inode with a
+            // Only new bytes need syncing: links share their inode with a
             // file that is durable already.
             self.sync_all(
-                staged
+                steps
                     .iter()
-                    .filter(|(_, put)| *put)
-                    .filter_map(|((tmp, _), _)| tmp.as_ref().map(|t| t.as_ref()))
+                    .filter_map(Step::new_bytes)
                     .chain(pending.iter().map(PathBuf::as_path)),
             )?;
-            let staged: Vec<(Option<tempfile::TempPath>, PathBuf)> =
-                staged.into_iter().map(|(s, _)| s).collect();
-            for (tmp, full) in staged {
-                match tmp {
-                    Some(tmp) => {
+            for step in steps {
+                match step {
+                    Step::Rename { tmp, full, .. } => {
                         tmp.persist(&full)
                             .map_err(|e| io_err("rename into", &full)(e.error))?;
                         if let Some(parent) = full.parent() {
                             dirs.sync.insert(parent.to_path_buf());
                         }
                     }
-                    None => {
+                    Step::Remove { full } => {
                         match fs::remove_file(&full) {
                             Ok(()) => {}
                             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                             Err(e) => return Err(io_err("remove", &full)(e)),
                         }
                         self.prune_empty_dirs(&full, &mut dirs);
+                    }
+                    Step::Create { src, full } => {
+                        // link(2) fails with EEXIST if the target exists.
+                        match fs::hard_link(src.path(), &full) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                                return Err(StoreError::AlreadyExists {
+                                    path: full.strip_prefix(&self.root).map_or_else(
+                                        |_| full.display().to_string(),
+                                        |p| p.display().to_string(),
+                                    ),
+                                })
+                            }
+                            Err(e) => return Err(io_err("link", &full)(e)),
+                        }
+                        if let Some(parent) = full.parent() {
+                            dirs.sync.insert(parent.to_path_buf());
+                        }
                     }
                 }
             }
@@ -369,8 +404,22 @@ pub(crate) fn same_inode(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn is_cross_device(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EXDEV)
+/// Whether `file` is on the file system of `dir` (so it can be hard-linked
+/// into it).
+fn same_device(file: &Path, dir: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::metadata(file), fs::metadata(dir)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, dir);
+        false
+    }
 }
 
 /// fsync a file, or a directory so renames and new entries in it are durable.
@@ -512,11 +561,20 @@ mod tests {
         let store = LocalStore::new(dir.path().join("tree"));
         let staged = dir.path().join("staged");
         fs::write(&staged, b"archive").unwrap();
-        store
-            .put_archive(&p("tarballs/x-1.0.0.tar"), &staged)
-            .unwrap();
-        let again = store.put_archive(&p("tarballs/x-1.0.0.tar"), &staged);
-        assert!(matches!(again, Err(StoreError::AlreadyExists { .. })));
+        let create = |staged: &Path| {
+            store.apply(&[vec![Op::Create {
+                path: p("tarballs/x-1.0.0.tar"),
+                staged: staged.to_path_buf(),
+            }]])
+        };
+        create(&staged).unwrap();
+        let other = dir.path().join("other");
+        fs::write(&other, b"other").unwrap();
+        let again = create(&other);
+        assert!(
+            matches!(&again, Err(StoreError::AlreadyExists { path }) if path == "tarballs/x-1.0.0.tar"),
+            "{again:?}"
+        );
         assert_eq!(
             store.get(&p("tarballs/x-1.0.0.tar")).unwrap().unwrap(),
             b"archive"

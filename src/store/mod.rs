@@ -10,8 +10,6 @@ mod local;
 
 pub(crate) use local::same_inode;
 
-use std::path::Path;
-
 pub use local::LocalStore;
 
 /// A checked path inside the tree: relative, `/`-separated, each component
@@ -77,12 +75,19 @@ pub enum Op {
     Link { from: TreePath, to: TreePath },
     /// Remove `path`; a missing file is not an error.
     Remove { path: TreePath },
+    /// Create `path` (an immutable archive) from a staged local file,
+    /// failing with [`StoreError::AlreadyExists`] if `path` exists: an
+    /// atomic create, so two racing uploads of one file cannot both win.
+    Create {
+        path: TreePath,
+        staged: std::path::PathBuf,
+    },
 }
 
 impl Op {
     pub fn path(&self) -> &TreePath {
         match self {
-            Op::Put { path, .. } | Op::Remove { path } => path,
+            Op::Put { path, .. } | Op::Remove { path } | Op::Create { path, .. } => path,
             Op::Link { to, .. } => to,
         }
     }
@@ -115,24 +120,10 @@ pub trait Store: Send + Sync {
     /// Whether `path` exists.
     fn exists(&self, path: &TreePath) -> Result<bool, StoreError>;
 
-    /// Adds immutable archives from local staged files, each failing on its
-    /// own with [`StoreError::AlreadyExists`] if its path exists (atomically,
-    /// so two racing uploads of the same file cannot both win). Done as one
-    /// batch so a group commit pays for its durability once.
-    fn put_archives(
-        &self,
-        archives: &[(TreePath, std::path::PathBuf)],
-    ) -> Vec<Result<(), StoreError>>;
-
-    /// [`Store::put_archives`] for one archive.
-    fn put_archive(&self, path: &TreePath, staged: &Path) -> Result<(), StoreError> {
-        self.put_archives(&[(path.clone(), staged.to_path_buf())])
-            .pop()
-            .unwrap_or(Ok(()))
-    }
-
     /// Applies the stages in order; each stage is durable before the next
-    /// one starts.
+    /// one becomes visible. A failure stops at once: earlier stages stay
+    /// applied (each is complete and consistent on its own), later ones are
+    /// not started.
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError>;
 
     /// Every file under `prefix` (a directory path; `""` for the whole tree),
