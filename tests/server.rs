@@ -881,6 +881,34 @@ fn read_only_serves_the_tree_and_nothing_else() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     s.assert_tree_verifies();
+
+    // A mirror's tree changes under the server (rsync renames new files into
+    // place, or rewrites one in place): every read answers the file as it
+    // is now, never a remembered copy.
+    let tags = data.join("public/v1/packages/jason/tags");
+    let get = |path: &str| {
+        let r = c.get(s.url(path)).send().unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let etag = r.headers()["etag"].clone();
+        (r.text().unwrap(), etag)
+    };
+    let (first, etag1) = get("/v1/packages/jason/tags");
+    assert_eq!(first, std::fs::read_to_string(&tags).unwrap());
+    let renamed = "{\"tags\":[{\"tag\":\"x\",\"version\":\"1.4.4\"}]}\n";
+    let tmp_file = data.join("public/v1/packages/jason/.tmp-rsync");
+    std::fs::write(&tmp_file, renamed).unwrap();
+    std::fs::rename(&tmp_file, &tags).unwrap();
+    let (second, etag2) = get("/v1/packages/jason/tags");
+    assert_eq!(second, renamed);
+    assert_ne!(etag1, etag2);
+    // Same size, same inode, rewritten in place.
+    let in_place = renamed.replace("\"x\"", "\"y\"");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&tags, &in_place).unwrap();
+    assert_eq!(get("/v1/packages/jason/tags").0, in_place);
+    std::fs::remove_file(&tags).unwrap();
+    let r = c.get(s.url("/v1/packages/jason/tags")).send().unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 
 use flate2::{read::GzDecoder, Compression, GzBuilder};
 use prost::Message;
+use rayon::prelude::*;
 
 use super::keys::{KeyError, PublicKey, Signer};
 use super::pb;
@@ -85,13 +86,70 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn gzip_with(bytes: &[u8], level: Compression) -> Vec<u8> {
-    let mut enc = GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(Vec::with_capacity(bytes.len() / 2 + 64), level);
-    // Writing into a Vec cannot fail.
-    enc.write_all(bytes).expect("write to Vec");
-    enc.finish().expect("write to Vec")
+    if bytes.len() <= GZIP_CHUNK {
+        let mut enc = GzBuilder::new()
+            .mtime(0)
+            .operating_system(255)
+            .write(Vec::with_capacity(bytes.len() / 2 + 64), level);
+        // Writing into a Vec cannot fail.
+        enc.write_all(bytes).expect("write to Vec");
+        return enc.finish().expect("write to Vec");
+    }
+    // A large index (`versions` of thousands of packages) is deflated in
+    // chunks on every core, as pigz does: each chunk but the last ends with
+    // a full flush (byte-aligned, no back-references across it), so the
+    // chunks concatenate into one ordinary deflate stream, and their CRCs
+    // combine into the stream's.
+    let parts: Vec<(Vec<u8>, crc32fast::Hasher)> = bytes
+        .par_chunks(GZIP_CHUNK)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let last = (i + 1) * GZIP_CHUNK >= bytes.len();
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(chunk);
+            (deflate_chunk(chunk, level, last), crc)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(parts.iter().map(|(p, _)| p.len()).sum::<usize>() + 18);
+    // The header GzBuilder writes for the small case: no flags, mtime 0,
+    // no extra flags, OS "unknown".
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+    let mut crc = crc32fast::Hasher::new();
+    for (part, c) in parts {
+        out.extend_from_slice(&part);
+        crc.combine(&c);
+    }
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out
+}
+
+/// Above this many bytes, gzip streams are deflated in chunks in parallel.
+const GZIP_CHUNK: usize = 128 * 1024;
+
+/// Raw deflate of one chunk: ending the stream if `last`, else with a full
+/// flush.
+fn deflate_chunk(chunk: &[u8], level: Compression, last: bool) -> Vec<u8> {
+    use flate2::{Compress, FlushCompress, Status};
+    let mut c = Compress::new(level, false);
+    let mut out = Vec::with_capacity(chunk.len() / 2 + 1024);
+    let flush = if last {
+        FlushCompress::Finish
+    } else {
+        FlushCompress::Full
+    };
+    loop {
+        let consumed = c.total_in() as usize;
+        // Compressing into a Vec with spare room cannot fail.
+        let status = c
+            .compress_vec(&chunk[consumed..], &mut out, flush)
+            .expect("deflate into a Vec");
+        let done = c.total_in() as usize == chunk.len() && out.len() < out.capacity();
+        if status == Status::StreamEnd || (!last && done) {
+            return out;
+        }
+        out.reserve(out.capacity().max(1024));
+    }
 }
 
 /// Gunzips at most `limit` bytes; more is an error, not a truncation.
@@ -301,6 +359,45 @@ mod tests {
 
         let e = decode_index::<pb::Package>(b"garbage", key().public_key(), "acme", 1 << 20);
         assert!(matches!(e, Err(CodecError::Gzip(_))));
+    }
+
+    #[test]
+    fn large_streams_are_deflated_in_chunks_that_any_gunzip_reads() {
+        // Index-like data: compressible, but not trivially.
+        let mut data = Vec::new();
+        let mut i = 0u64;
+        while data.len() < 3 * GZIP_CHUNK + 12_345 {
+            i = i
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            data.extend_from_slice(
+                format!("pkg-{:05}\x12\x051.{}.0", i % 99_991, i % 7).as_bytes(),
+            );
+        }
+        let gz = gzip(&data);
+        let mut back = Vec::new();
+        GzDecoder::new(&gz[..]).read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
+        // No trailing members or garbage: exactly one gzip stream.
+        let mut d = GzDecoder::new(&gz[..]);
+        std::io::copy(&mut d, &mut std::io::sink()).unwrap();
+        assert!(d.into_inner().is_empty());
+        // Deterministic, and about as small as one stream.
+        assert_eq!(gzip(&data), gz);
+        let mut whole = GzBuilder::new()
+            .mtime(0)
+            .operating_system(255)
+            .write(Vec::new(), Compression::new(GZIP_LEVEL));
+        whole.write_all(&data).unwrap();
+        let whole = whole.finish().unwrap();
+        assert!(
+            gz.len() < whole.len() * 11 / 10,
+            "{} vs {}",
+            gz.len(),
+            whole.len()
+        );
+        // The same header as the small case.
+        assert_eq!(gz[..10], gzip(b"x")[..10]);
     }
 
     #[test]

@@ -701,14 +701,6 @@ impl Publisher {
             .into_iter()
             .filter(|c| state.packages.get(&c.name) != c.new.as_ref())
             .collect();
-        let rendered: Vec<RenderedChange> = {
-            let old = &state.packages;
-            changes
-                .par_iter()
-                .map(|c| self.render_change(old.get(&c.name), c))
-                .collect::<Result<_, _>>()?
-        };
-
         // Rows and which global files they change.
         let mut wanted = render::Wanted {
             versions: !state.top.contains_key(layout::VERSIONS),
@@ -732,7 +724,17 @@ impl Publisher {
         }
         // The v1 list is written with the first indexes of a repository.
         wanted.v1_index |= state.top.is_empty();
-        let globals = if wanted.versions || wanted.names || wanted.v1_index {
+        // The packages and the global files are signed at the same time.
+        let render_packages = || -> Result<Vec<RenderedChange>, PublishError> {
+            changes
+                .par_iter()
+                .map(|c| self.render_change(state.packages.get(&c.name), c))
+                .collect()
+        };
+        let render_globals = || -> Result<render::GlobalFiles, PublishError> {
+            if !(wanted.versions || wanted.names || wanted.v1_index) {
+                return Ok(render::GlobalFiles::default());
+            }
             let mut merged = Vec::with_capacity(state.rows.len() + new_rows.len());
             let mut fresh = new_rows.iter().peekable();
             for (name, row) in &state.rows {
@@ -747,13 +749,13 @@ impl Publisher {
             merged.extend(fresh.filter_map(|(_, r)| r.as_ref()));
             render::global_files(
                 self.repository.as_str(),
-                merged,
+                &merged,
                 wanted,
                 self.signer.as_ref(),
-            )?
-        } else {
-            render::GlobalFiles::default()
+            )
         };
+        let (rendered, globals) = rayon::join(render_packages, render_globals);
+        let (rendered, globals) = (rendered?, globals?);
 
         // The bins the changed packages live in, and the top-level list.
         let mut bins: BTreeMap<u8, BTreeMap<String, Digest256>> = BTreeMap::new();
@@ -1054,9 +1056,10 @@ impl Publisher {
             .iter()
             .map(|(n, p)| (n.clone(), render::row(p)))
             .collect();
+        let row_refs: Vec<&render::Row> = rows.values().collect();
         let globals = render::global_files(
             self.repository.as_str(),
-            rows.values(),
+            &row_refs,
             render::Wanted::ALL,
             self.signer.as_ref(),
         )?;

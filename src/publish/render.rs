@@ -253,51 +253,56 @@ impl Wanted {
 /// byte what encoding the whole `Versions`/`Names` messages and the
 /// `PackageList` document gives (a unit test holds it to that). `versions`
 /// and `names` are signed on two threads.
-pub fn global_files<'a>(
+pub fn global_files(
     repository: &str,
-    rows: impl IntoIterator<Item = &'a Row>,
+    rows: &[&Row],
     wanted: Wanted,
     signer: &dyn Signer,
 ) -> Result<GlobalFiles, PublishError> {
-    let (mut versions, mut names, mut list) = (Vec::new(), Vec::new(), b"{\"packages\":[".to_vec());
-    for (i, r) in rows.into_iter().enumerate() {
-        if wanted.versions {
-            versions.extend_from_slice(&r.versions);
-        }
-        if wanted.names {
-            names.extend_from_slice(&r.names);
-        }
-        if wanted.v1_index {
-            if i > 0 {
-                list.push(b',');
-            }
-            list.extend_from_slice(&r.json);
-        }
-    }
     // Field 2, after the repeated field 1, as prost orders fields.
     let repository = repository.to_string();
-    prost::encoding::string::encode(2, &repository, &mut versions);
-    prost::encoding::string::encode(2, &repository, &mut names);
-    list.extend_from_slice(b"]}\n");
-    let sign = |wanted: bool, payload: Vec<u8>| -> Result<Option<Vec<u8>>, PublishError> {
-        Ok(if wanted {
-            Some(encode_payload(payload, signer)?)
-        } else {
-            None
+    // Each list is built and signed on its own thread: at ten thousand
+    // packages each is hundreds of kilobytes.
+    let signed = |wanted: bool, part: fn(&Row) -> &[u8]| -> Result<Option<Vec<u8>>, PublishError> {
+        if !wanted {
+            return Ok(None);
+        }
+        let mut payload =
+            Vec::with_capacity(rows.iter().map(|r| part(r).len()).sum::<usize>() + 64);
+        for r in rows {
+            payload.extend_from_slice(part(r));
+        }
+        prost::encoding::string::encode(2, &repository, &mut payload);
+        Ok(Some(encode_payload(payload, signer)?))
+    };
+    let list = || {
+        wanted.v1_index.then(|| {
+            let len = rows.iter().map(|r| r.json.len() + 1).sum::<usize>();
+            let mut list = Vec::with_capacity(len + 16);
+            list.extend_from_slice(b"{\"packages\":[");
+            for (i, r) in rows.iter().enumerate() {
+                if i > 0 {
+                    list.push(b',');
+                }
+                list.extend_from_slice(&r.json);
+            }
+            list.extend_from_slice(b"]}\n");
+            list
         })
     };
-    let (versions, names) = if wanted.versions && wanted.names {
-        rayon::join(
-            || sign(wanted.versions, versions),
-            || sign(wanted.names, names),
-        )
-    } else {
-        (sign(wanted.versions, versions), sign(wanted.names, names))
-    };
+    let ((versions, names), v1_index) = rayon::join(
+        || {
+            rayon::join(
+                || signed(wanted.versions, |r| &r.versions),
+                || signed(wanted.names, |r| &r.names),
+            )
+        },
+        list,
+    );
     Ok(GlobalFiles {
         versions: versions?,
         names: names?,
-        v1_index: wanted.v1_index.then_some(list),
+        v1_index,
     })
 }
 
@@ -392,7 +397,8 @@ mod tests {
             package("gamma_x", &[], &[]),
         ];
         let rows: Vec<Row> = pkgs.iter().map(row).collect();
-        let g = global_files("acme", &rows, Wanted::ALL, &key).unwrap();
+        let refs: Vec<&Row> = rows.iter().collect();
+        let g = global_files("acme", &refs, Wanted::ALL, &key).unwrap();
         let versions: pb::Versions = decode_index(
             g.versions.as_ref().unwrap(),
             key.public_key(),

@@ -6,10 +6,13 @@
 //! Files of organization repositories (`/repos/ORG/…`) need a key with a
 //! matching `pull:` scope.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -239,25 +242,20 @@ async fn send_file(
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let full = app.tree.join(tree_path.as_str());
-    // Plain blocking calls, as nginx makes them: for a file in the page cache
-    // open+fstat+read take microseconds, less than a hop to the blocking
-    // pool. Stat and read go through one descriptor, so the ETag always
-    // describes the bytes sent even if the file is replaced meanwhile.
-    let (meta, body) = match open_file(&full) {
-        Ok(Some(x)) => x,
+    let file = match app.file_cache.get(tree_path.as_str(), &full) {
+        Ok(Some(f)) => f,
         Ok(None) => return Err(ApiError::not_found("no such file")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ApiError::not_found("no such file"))
         }
         Err(e) => return Err(ApiError::internal(e)),
     };
-    let etag = etag(&meta);
     let mut builder = Response::builder()
-        .header(header::ETAG, &etag)
+        .header(header::ETAG, file.etag.clone())
         .header(header::CONTENT_TYPE, content_type(rel))
         .header(header::CACHE_CONTROL, cache_control(rel));
-    if let Ok(modified) = meta.modified() {
-        builder = builder.header(header::LAST_MODIFIED, httpdate(modified));
+    if let Some(modified) = &file.last_modified {
+        builder = builder.header(header::LAST_MODIFIED, modified.clone());
     }
     if let Some(name) = download_name(app, tree_path, rel) {
         builder = builder.header(
@@ -268,14 +266,18 @@ async fn send_file(
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|v| {
+            let etag = file.etag.as_bytes();
+            v.split(',')
+                .any(|t| t.trim().as_bytes() == etag || t.trim() == "*")
+        });
     if not_modified {
         return builder
             .status(StatusCode::NOT_MODIFIED)
             .body(Body::empty())
             .map_err(ApiError::internal);
     }
-    let body = match body {
+    let body = match file.body {
         FileBody::Small(bytes) => Body::from(bytes),
         FileBody::Large(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
             tokio::fs::File::from_std(f),
@@ -283,35 +285,156 @@ async fn send_file(
         )),
     };
     builder
-        .header(header::CONTENT_LENGTH, meta.len())
+        .header(header::CONTENT_LENGTH, file.len)
         .body(body)
         .map_err(ApiError::internal)
 }
 
 enum FileBody {
-    Small(Vec<u8>),
+    /// Shared with the cache: sending it copies nothing.
+    Small(Bytes),
     Large(std::fs::File),
 }
 
-/// Opens a regular file: its metadata, and its bytes when small (or the
-/// open file to stream). `None` for a directory.
-fn open_file(path: &Path) -> std::io::Result<Option<(std::fs::Metadata, FileBody)>> {
-    let mut f = std::fs::File::open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Ok(None);
-    }
-    if meta.len() <= SMALL_FILE {
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        f.read_to_end(&mut bytes)?;
-        Ok(Some((meta, FileBody::Small(bytes))))
-    } else {
-        Ok(Some((meta, FileBody::Large(f))))
+/// A file to send, with the headers that come from its metadata.
+struct OpenFile {
+    len: u64,
+    etag: HeaderValue,
+    last_modified: Option<HeaderValue>,
+    body: FileBody,
+}
+
+/// The small files of the tree recently served, each checked against the
+/// file's metadata (device, inode, modification time, size) on every
+/// request, so a file the publisher replaced (a rename: a new inode) or
+/// anyone else changed is read again. Saves the open, read and close, and
+/// the copy, of the common read; the `stat` stays, as it does for a static
+/// server without an open-file cache.
+#[derive(Default)]
+pub struct FileCache {
+    entries: Mutex<HashMap<String, Arc<Cached>>>,
+    bytes: AtomicUsize,
+}
+
+struct Cached {
+    id: FileId,
+    body: Bytes,
+    etag: HeaderValue,
+    last_modified: Option<HeaderValue>,
+}
+
+/// What identifies one version of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    mtime_ns: i128,
+    len: u64,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            Self {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+                len: meta.len(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let mtime_ns = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128);
+            Self {
+                dev: 0,
+                ino: 0,
+                mtime_ns,
+                len: meta.len(),
+            }
+        }
     }
 }
 
-/// Identity of the file's current bytes: inode, change time and size, so a
-/// replaced index never shares an ETag with the file it replaced.
+/// Most bytes the cache holds; past it, it starts again empty.
+const CACHE_BYTES: usize = 64 << 20;
+
+impl FileCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Cached>>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The file at `full` (`key` is its tree path); `None` if it is not a
+    /// regular file.
+    fn get(&self, key: &str, full: &Path) -> std::io::Result<Option<OpenFile>> {
+        let meta = std::fs::metadata(full)?;
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let id = FileId::of(&meta);
+        if let Some(c) = self.lock().get(key).filter(|c| c.id == id).cloned() {
+            return Ok(Some(OpenFile {
+                len: id.len,
+                etag: c.etag.clone(),
+                last_modified: c.last_modified.clone(),
+                body: FileBody::Small(c.body.clone()),
+            }));
+        }
+        // Described by the descriptor read, not the earlier stat: the path
+        // may have been replaced in between.
+        let mut f = std::fs::File::open(full)?;
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let id = FileId::of(&meta);
+        let etag = HeaderValue::from_str(&etag(&meta)).map_err(std::io::Error::other)?;
+        let last_modified = meta
+            .modified()
+            .ok()
+            .and_then(|m| HeaderValue::from_str(&httpdate(m)).ok());
+        if meta.len() > SMALL_FILE {
+            return Ok(Some(OpenFile {
+                len: meta.len(),
+                etag,
+                last_modified,
+                body: FileBody::Large(f),
+            }));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        f.read_to_end(&mut bytes)?;
+        let body = Bytes::from(bytes);
+        let cached = Arc::new(Cached {
+            id,
+            body: body.clone(),
+            etag: etag.clone(),
+            last_modified: last_modified.clone(),
+        });
+        {
+            let mut entries = self.lock();
+            if self.bytes.load(Ordering::Relaxed) + body.len() > CACHE_BYTES {
+                entries.clear();
+                self.bytes.store(0, Ordering::Relaxed);
+            }
+            if let Some(old) = entries.insert(key.to_string(), cached) {
+                self.bytes.fetch_sub(old.body.len(), Ordering::Relaxed);
+            }
+            self.bytes.fetch_add(body.len(), Ordering::Relaxed);
+        }
+        Ok(Some(OpenFile {
+            len: body.len() as u64,
+            etag,
+            last_modified,
+            body: FileBody::Small(body),
+        }))
+    }
+}
+
 fn etag(meta: &std::fs::Metadata) -> String {
     #[cfg(unix)]
     {

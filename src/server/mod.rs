@@ -86,6 +86,8 @@ pub struct App {
     pub keys: Option<KeyStore>,
     pub key_limiter: RateLimiter,
     pub ip_limiter: RateLimiter,
+    /// Small files of the tree recently read.
+    pub file_cache: files::FileCache,
     writer: Option<Writer>,
 }
 
@@ -124,6 +126,7 @@ impl App {
         let app = Self {
             key_limiter: RateLimiter::new(settings.rate_limit_key),
             ip_limiter: RateLimiter::new(settings.rate_limit_ip),
+            file_cache: files::FileCache::default(),
             settings,
             tree,
             staging,

@@ -9,6 +9,8 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use super::{Op, Store, StoreError, TreePath};
 
 /// Directories one stage touches.
@@ -84,6 +86,9 @@ pub struct LocalStore {
 /// file: each fsync on ext4 forces its own journal commit, so a rebuild of
 /// thousands of indexes would be bound by fsync latency.
 const SYNCFS_THRESHOLD: usize = 16;
+
+/// Stages with at least this many ops are applied on several threads.
+const PARALLEL_STAGE: usize = 512;
 
 impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -191,6 +196,116 @@ impl LocalStore {
         Ok(Source::Copied(tmp.into_temp_path()))
     }
 
+    /// Everything of `ops` but what makes them visible: temp files written,
+    /// new links made, archives made ready to link.
+    fn prepare_ops(&self, ops: &[Op]) -> Result<(Vec<Step>, StageDirs), StoreError> {
+        let mut dirs = StageDirs::default();
+        let mut steps: Vec<Step> = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Put { path, bytes } => {
+                    let full = self.full(path);
+                    let tmp = self.stage_bytes(&full, bytes, &mut dirs)?;
+                    steps.push(Step::Rename {
+                        tmp,
+                        full,
+                        new_bytes: true,
+                    });
+                }
+                Op::Link { from, to } => {
+                    let src = self.full(from);
+                    let full = self.full(to);
+                    let parent = self.ensure_parent(&full, &mut dirs)?;
+                    let new_dir = dirs.created.contains(&parent);
+                    match if new_dir {
+                        Err(io::ErrorKind::NotFound.into())
+                    } else {
+                        fs::symlink_metadata(&full)
+                    } {
+                        // A new path: link(2) creates it atomically.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            fs::hard_link(&src, &full).map_err(io_err("link", &full))?;
+                            dirs.sync.insert(parent);
+                            continue;
+                        }
+                        // rename(2) between two links to one inode does
+                        // nothing and leaves the temp name behind: skip.
+                        Ok(_) if same_inode(&src, &full) => continue,
+                        _ => {}
+                    }
+                    // Link into a fresh temp name, then rename over the
+                    // target: replacing a link is then atomic too.
+                    let tmp = tempfile::Builder::new()
+                        .prefix(".tmp-")
+                        .make_in(&parent, |p| fs::hard_link(&src, p))
+                        .map_err(io_err("link", &full))?
+                        .into_temp_path();
+                    steps.push(Step::Rename {
+                        tmp,
+                        full,
+                        new_bytes: false,
+                    });
+                }
+                Op::Remove { path } => steps.push(Step::Remove {
+                    full: self.full(path),
+                }),
+                Op::Create { path, staged } => {
+                    let full = self.full(path);
+                    let src = self.prepare_create(&full, staged, &mut dirs)?;
+                    steps.push(Step::Create { src, full });
+                }
+            }
+        }
+        Ok((steps, dirs))
+    }
+
+    /// Makes prepared steps visible, in order; returns the directories to
+    /// sync.
+    fn finish_steps(
+        &self,
+        steps: Vec<Step>,
+        mut dirs: StageDirs,
+    ) -> Result<BTreeSet<PathBuf>, StoreError> {
+        for step in steps {
+            match step {
+                Step::Rename { tmp, full, .. } => {
+                    tmp.persist(&full)
+                        .map_err(|e| io_err("rename into", &full)(e.error))?;
+                    if let Some(parent) = full.parent() {
+                        dirs.sync.insert(parent.to_path_buf());
+                    }
+                }
+                Step::Remove { full } => {
+                    match fs::remove_file(&full) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err("remove", &full)(e)),
+                    }
+                    self.prune_empty_dirs(&full, &mut dirs);
+                }
+                Step::Create { src, full } => {
+                    // link(2) fails with EEXIST if the target exists.
+                    match fs::hard_link(src.path(), &full) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            return Err(StoreError::AlreadyExists {
+                                path: full.strip_prefix(&self.root).map_or_else(
+                                    |_| full.display().to_string(),
+                                    |p| p.display().to_string(),
+                                ),
+                            })
+                        }
+                        Err(e) => return Err(io_err("link", &full)(e)),
+                    }
+                    if let Some(parent) = full.parent() {
+                        dirs.sync.insert(parent.to_path_buf());
+                    }
+                }
+            }
+        }
+        Ok(dirs.sync)
+    }
+
     /// Makes files or directories durable: one `syncfs` for many, otherwise
     /// one fsync each, on parallel threads so the file system can fold them
     /// into one journal commit instead of paying one commit per file.
@@ -238,109 +353,46 @@ impl Store for LocalStore {
             if stage.is_empty() {
                 continue;
             }
-            let mut dirs = StageDirs::default();
-            let mut steps: Vec<Step> = Vec::with_capacity(stage.len());
-            for op in stage {
-                match op {
-                    Op::Put { path, bytes } => {
-                        let full = self.full(path);
-                        let tmp = self.stage_bytes(&full, bytes, &mut dirs)?;
-                        steps.push(Step::Rename {
-                            tmp,
-                            full,
-                            new_bytes: true,
-                        });
-                    }
-                    Op::Link { from, to } => {
-                        let src = self.full(from);
-                        let full = self.full(to);
-                        let parent = self.ensure_parent(&full, &mut dirs)?;
-                        let new_dir = dirs.created.contains(&parent);
-                        match if new_dir {
-                            Err(io::ErrorKind::NotFound.into())
-                        } else {
-                            fs::symlink_metadata(&full)
-                        } {
-                            // A new path: link(2) creates it atomically.
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                                fs::hard_link(&src, &full).map_err(io_err("link", &full))?;
-                                dirs.sync.insert(parent);
-                                continue;
-                            }
-                            // rename(2) between two links to one inode does
-                            // nothing and leaves the temp name behind: skip.
-                            Ok(_) if same_inode(&src, &full) => continue,
-                            _ => {}
-                        }
-                        // Link into a fresh temp name, then rename over the
-                        // target: replacing a link is then atomic too.
-                        let tmp = tempfile::Builder::new()
-                            .prefix(".tmp-")
-                            .make_in(&parent, |p| fs::hard_link(&src, p))
-                            .map_err(io_err("link", &full))?
-                            .into_temp_path();
-                        steps.push(Step::Rename {
-                            tmp,
-                            full,
-                            new_bytes: false,
-                        });
-                    }
-                    Op::Remove { path } => steps.push(Step::Remove {
-                        full: self.full(path),
-                    }),
-                    Op::Create { path, staged } => {
-                        let full = self.full(path);
-                        let src = self.prepare_create(&full, staged, &mut dirs)?;
-                        steps.push(Step::Create { src, full });
-                    }
-                }
-            }
+            // A rebuild's stage of thousands of new files is bound by the
+            // kernel's work per file: spread it over the cores, in
+            // contiguous runs that each keep their order. Removals prune
+            // directories, which runs in parallel could race on.
+            let parallel = stage.len() >= PARALLEL_STAGE
+                && !stage.iter().any(|op| matches!(op, Op::Remove { .. }));
+            let chunks: Vec<&[Op]> = if parallel {
+                let threads = rayon::current_num_threads().max(1);
+                stage.chunks(stage.len().div_ceil(threads * 4)).collect()
+            } else {
+                vec![stage.as_slice()]
+            };
+            let prepared: Vec<(Vec<Step>, StageDirs)> = if parallel {
+                chunks
+                    .par_iter()
+                    .map(|ops| self.prepare_ops(ops))
+                    .collect::<Result<_, _>>()?
+            } else {
+                vec![self.prepare_ops(stage)?]
+            };
             // Only new bytes need syncing: links share their inode with a
             // file that is durable already.
             self.sync_all(
-                steps
+                prepared
                     .iter()
-                    .filter_map(Step::new_bytes)
+                    .flat_map(|(steps, _)| steps.iter().filter_map(Step::new_bytes))
                     .chain(pending.iter().map(PathBuf::as_path)),
             )?;
-            for step in steps {
-                match step {
-                    Step::Rename { tmp, full, .. } => {
-                        tmp.persist(&full)
-                            .map_err(|e| io_err("rename into", &full)(e.error))?;
-                        if let Some(parent) = full.parent() {
-                            dirs.sync.insert(parent.to_path_buf());
-                        }
-                    }
-                    Step::Remove { full } => {
-                        match fs::remove_file(&full) {
-                            Ok(()) => {}
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                            Err(e) => return Err(io_err("remove", &full)(e)),
-                        }
-                        self.prune_empty_dirs(&full, &mut dirs);
-                    }
-                    Step::Create { src, full } => {
-                        // link(2) fails with EEXIST if the target exists.
-                        match fs::hard_link(src.path(), &full) {
-                            Ok(()) => {}
-                            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                                return Err(StoreError::AlreadyExists {
-                                    path: full.strip_prefix(&self.root).map_or_else(
-                                        |_| full.display().to_string(),
-                                        |p| p.display().to_string(),
-                                    ),
-                                })
-                            }
-                            Err(e) => return Err(io_err("link", &full)(e)),
-                        }
-                        if let Some(parent) = full.parent() {
-                            dirs.sync.insert(parent.to_path_buf());
-                        }
-                    }
-                }
-            }
-            pending = dirs.sync;
+            let finished: Vec<BTreeSet<PathBuf>> = if parallel {
+                prepared
+                    .into_par_iter()
+                    .map(|(steps, dirs)| self.finish_steps(steps, dirs))
+                    .collect::<Result<_, _>>()?
+            } else {
+                prepared
+                    .into_iter()
+                    .map(|(steps, dirs)| self.finish_steps(steps, dirs))
+                    .collect::<Result<_, _>>()?
+            };
+            pending = finished.into_iter().flatten().collect();
         }
         self.sync_all(pending.iter().map(PathBuf::as_path))
     }
@@ -536,15 +588,26 @@ mod tests {
         assert_eq!(store.get(&p("a/one")).unwrap().unwrap(), b"2");
         assert!(store.get(&p("b/two")).unwrap().is_none());
         assert_eq!(store.list("").unwrap(), vec![p("a/one")]);
-        // Many files take the syncfs path.
-        let many: Vec<Op> = (0..40)
-            .map(|i| Op::Put {
-                path: p(&format!("m/f{i}")),
-                bytes: vec![i as u8],
-            })
-            .collect();
-        store.apply(&[many]).unwrap();
-        assert_eq!(store.list("m").unwrap().len(), 40);
+        // Many files take the syncfs path; many more, several threads.
+        for n in [40, PARALLEL_STAGE + 100] {
+            let mut many: Vec<Op> = (0..n)
+                .map(|i| Op::Put {
+                    path: p(&format!("m{n}/d{}/f{i}", i % 7)),
+                    bytes: vec![i as u8],
+                })
+                .collect();
+            many.push(Op::Link {
+                from: p("a/one"),
+                to: p(&format!("m{n}/link")),
+            });
+            store.apply(&[many]).unwrap();
+            assert_eq!(store.list(&format!("m{n}")).unwrap().len(), n + 1, "{n}");
+            for i in 0..n {
+                let got = store.get(&p(&format!("m{n}/d{}/f{i}", i % 7))).unwrap();
+                assert_eq!(got, Some(vec![i as u8]));
+            }
+            assert_eq!(store.get(&p(&format!("m{n}/link"))).unwrap().unwrap(), b"2");
+        }
         // No temp files are left behind.
         let leftovers = walkdir::WalkDir::new(dir.path())
             .min_depth(1)

@@ -121,7 +121,9 @@ pub trait Store: Send + Sync {
     fn exists(&self, path: &TreePath) -> Result<bool, StoreError>;
 
     /// Applies the stages in order; each stage is durable before the next
-    /// one becomes visible. A failure stops at once: earlier stages stay
+    /// one becomes visible. Within a stage, ops become visible in their
+    /// order, except that a store may split a stage of many ops into
+    /// contiguous runs applied at once, each run in order. A failure stops at once: earlier stages stay
     /// applied (each is complete and consistent on its own), later ones are
     /// not started.
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError>;
