@@ -393,9 +393,17 @@ fn a_failed_write_aborts_the_changes_prepared_on_it_and_the_model_reloads() {
         "{r:?}"
     );
     store.fail_at_stage.store(usize::MAX, Ordering::SeqCst);
-    // Built on the failed one: never written, even though the disk is back.
-    let r = p.commit_batch(second);
-    assert!(matches!(&r[0], Err(PublishError::Aborted(_))), "{r:?}");
+    std::thread::scope(|s| {
+        // A change started after the failure reloads the model from the
+        // tree, then waits for its turn, behind `second`...
+        let refresh = s.spawn(|| p.refresh());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // ...which was built on the failed change: never written, even
+        // though the disk is back and the model has been reloaded.
+        let r = p.commit_batch(second);
+        assert!(matches!(&r[0], Err(PublishError::Aborted(_))), "{r:?}");
+        refresh.join().unwrap().unwrap();
+    });
     assert!(!dir.path().join("tarballs/decimal-2.0.0.tar").exists());
 
     // The next change starts from the tree: the package index that was

@@ -189,7 +189,10 @@ impl Queue {
     fn finish(&self, seq: u64, epoch: u64, error: Option<String>) {
         let mut q = self.lock();
         if let Some(e) = error {
-            q.broken.get_or_insert((epoch, e));
+            // The first failure of an epoch is the cause of the others.
+            if q.broken.as_ref().is_none_or(|(b, _)| *b != epoch) {
+                q.broken = Some((epoch, e));
+            }
         }
         q.done = q.done.max(seq + 1);
         self.turn.notify_all();
@@ -321,9 +324,10 @@ impl Publisher {
                 tracing::warn!(%error, "a write to the tree failed; reloading the indexes");
                 let mut fresh = self.load()?;
                 fresh.next_seq = state.next_seq;
+                // `broken` stays set: changes of the old epoch still
+                // waiting for their turn must find it and not write.
                 fresh.epoch = state.epoch + 1;
                 *state = fresh;
-                self.queue.lock().broken = None;
             }
         }
         Ok(state)
