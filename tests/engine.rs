@@ -527,3 +527,40 @@ fn verify_detects_a_v1_document_that_disagrees_with_the_indexes() {
     }
     assert_eq!(verify(&dd, "acme").0, Some(0));
 }
+
+#[test]
+fn a_hex_client_reads_a_versions_index_deflated_in_parallel_chunks() {
+    // Above 128 KiB an index is deflated in chunks on several threads;
+    // 3,000 packages make `versions` about 150 KB.
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = init(tmp.path(), "acme");
+    let archives = dd.join("public/archives");
+    std::fs::create_dir_all(&archives).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let limits = niso::limits::Limits::default();
+    for i in 0..3000 {
+        let pkg = src.path().join(format!("p{i}"));
+        std::fs::create_dir_all(pkg.join("payload")).unwrap();
+        std::fs::write(pkg.join("payload/run"), "x").unwrap();
+        std::fs::write(
+            pkg.join("niso.toml"),
+            format!("[package]\nname = \"a-package-with-a-rather-long-name-{i:05}\"\nversion = \"1.0.{}\"\narch = \"x86_64\"\n[binary]\nentrypoint = \"run\"\n", i % 10),
+        )
+        .unwrap();
+        niso::archive::niso::create(&pkg, &archives, &limits).unwrap();
+    }
+    niso_ok(&["registry", "build", "--data-dir", p(&dd)]);
+    let public = dd.join("public");
+    let versions = std::fs::read(public.join("versions")).unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&versions[..]), &mut raw).unwrap();
+    assert!(
+        raw.len() > 128 * 1024,
+        "versions is only {} bytes",
+        raw.len()
+    );
+    let (ok, out) = hex_client_check(&public, "acme", &public.join("public_key"));
+    assert!(ok, "{out}");
+    assert!(out.contains("ok 3000 packages"), "{out}");
+    assert_eq!(verify(&dd, "acme").0, Some(0));
+}
