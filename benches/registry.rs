@@ -34,6 +34,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{niso_archive, ARCH};
 use niso::archive::inspect_file;
 use niso::datadir::DataDir;
 use niso::ident::RepoName;
@@ -149,68 +153,7 @@ fn version(k: usize) -> String {
     format!("1.{k}.0")
 }
 
-const ARCH: &str = "x86_64";
 const PAYLOAD_LEN: usize = 1024;
-
-/// A small, valid `.niso` archive, built in memory in the format of
-/// `src/archive/niso.rs`: gzip tar of `niso.toml`, `payload/`,
-/// `payload/bin/`, `payload/bin/app` (~1 KB that does not compress away).
-fn niso_archive(name: &str, version: &str) -> Vec<u8> {
-    let manifest = format!(
-        "[package]\nname = \"{name}\"\nversion = \"{version}\"\narch = \"{ARCH}\"\n\
-         description = \"Benchmark package {name}\"\n\n[binary]\nentrypoint = \"bin/app\"\n"
-    );
-    let mut payload = format!("#!/bin/sh\necho {name} {version}\nexit 0\n# ").into_bytes();
-    let mut state = seed(name, version);
-    while payload.len() < PAYLOAD_LEN {
-        // xorshift64: cheap bytes that differ per release.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        payload.extend_from_slice(&state.to_le_bytes());
-    }
-    payload.truncate(PAYLOAD_LEN);
-
-    let gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(Vec::with_capacity(2048), flate2::Compression::fast());
-    let mut b = tar::Builder::new(gz);
-    b.mode(tar::HeaderMode::Deterministic);
-    let entries: [(&str, &[u8], u32, tar::EntryType); 4] = [
-        (
-            "niso.toml",
-            manifest.as_bytes(),
-            0o644,
-            tar::EntryType::Regular,
-        ),
-        ("payload/", b"", 0o755, tar::EntryType::Directory),
-        ("payload/bin/", b"", 0o755, tar::EntryType::Directory),
-        ("payload/bin/app", &payload, 0o755, tar::EntryType::Regular),
-    ];
-    for (path, bytes, mode, kind) in entries {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(mode);
-        h.set_entry_type(kind);
-        h.set_mtime(0);
-        b.append_data(&mut h, path, bytes)
-            .expect("writing to memory");
-    }
-    b.into_inner()
-        .and_then(|gz| gz.finish())
-        .expect("writing to memory")
-}
-
-fn seed(name: &str, version: &str) -> u64 {
-    // FNV-1a; never zero, so xorshift never sticks.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes().chain([0]).chain(version.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h | 1
-}
 
 /// Writes N × V archives into `archives`, on every core; returns the total
 /// bytes written.
@@ -225,7 +168,7 @@ fn generate(archives: &Path, n: usize, v: usize, width: usize) -> Result<u64> {
                         let name = package_name(i, width);
                         for k in 0..v {
                             let ver = version(k);
-                            let data = niso_archive(&name, &ver);
+                            let data = niso_archive(&name, &ver, PAYLOAD_LEN);
                             bytes += data.len() as u64;
                             fs::write(archives.join(format!("{name}-{ver}-{ARCH}.niso")), data)?;
                         }
@@ -439,7 +382,7 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     fs::create_dir_all(&staging)?;
     let stage = |name: &str, ver: &str| -> Result<PathBuf> {
         let p = staging.join(format!("bench-{name}-{ver}.niso"));
-        fs::write(&p, niso_archive(name, ver))?;
+        fs::write(&p, niso_archive(name, ver, PAYLOAD_LEN))?;
         Ok(p)
     };
 

@@ -40,6 +40,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{niso_archive, ARCH};
 use niso::datadir::DataDir;
 use niso::ident::RepoName;
 use niso::limits::Limits;
@@ -451,90 +455,8 @@ fn cpu_time(pid: u32) -> Result<Duration> {
 // ---------------------------------------------------------------------------
 // Archives.
 
-const ARCH: &str = "x86_64";
-
 fn package_name(i: usize) -> String {
     format!("pkg-{i:05}")
-}
-
-/// SplitMix64: a fast generator of bytes that do not compress.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-fn seed_of(name: &str, version: &str) -> u64 {
-    let mut h: u64 = 0x84222325_cbf29ce4;
-    for b in name.bytes().chain(*b"@").chain(version.bytes()) {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-fn manifest_text(name: &str, version: &str) -> String {
-    format!(
-        "[package]\nname = \"{name}\"\nversion = \"{version}\"\narch = \"{ARCH}\"\n\
-         description = \"Server benchmark package {name}\"\n\n\
-         [binary]\nentrypoint = \"bin/app\"\n"
-    )
-}
-
-/// A valid `.niso` (the layout of `src/archive/niso.rs`: gzip of a tar of
-/// `niso.toml`, `payload/`, `payload/bin/`, `payload/bin/app`), in memory,
-/// with `payload` random bytes as the entrypoint.
-fn niso_bytes(name: &str, version: &str, payload: usize) -> Vec<u8> {
-    let mut data = vec![0u8; payload];
-    Rng::new(seed_of(name, version)).fill(&mut data);
-    let manifest = manifest_text(name, version);
-    let gz = flate2::write::GzEncoder::new(
-        Vec::with_capacity(payload + 2048),
-        flate2::Compression::fast(),
-    );
-    let mut tar = tar::Builder::new(gz);
-    let mut add = |path: &str, bytes: &[u8], dir: bool| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(if dir {
-            tar::EntryType::Directory
-        } else {
-            tar::EntryType::Regular
-        });
-        h.set_mode(if dir || path.ends_with("app") {
-            0o755
-        } else {
-            0o644
-        });
-        h.set_size(bytes.len() as u64);
-        h.set_mtime(0);
-        h.set_uid(0);
-        h.set_gid(0);
-        tar.append_data(&mut h, path, bytes)
-            .expect("tar into memory");
-    };
-    add("niso.toml", manifest.as_bytes(), false);
-    add("payload/", &[], true);
-    add("payload/bin/", &[], true);
-    add("payload/bin/app", &data, false);
-    tar.into_inner()
-        .and_then(|gz| gz.finish())
-        .expect("gzip into memory")
 }
 
 /// Archives of packages 1..=n, versions 1.0.0..1.(v-1).0, written straight
@@ -555,7 +477,7 @@ fn write_tree_archives(dir: &Path, n: usize, v: usize) -> Result<u64> {
                         let name = package_name(i);
                         for k in 0..v {
                             let ver = format!("1.{k}.0");
-                            let bytes = niso_bytes(&name, &ver, 512);
+                            let bytes = niso_archive(&name, &ver, 512);
                             written += bytes.len() as u64;
                             fs::write(dir.join(format!("{name}-{ver}-{ARCH}.niso")), bytes)?;
                         }
@@ -722,7 +644,7 @@ fn sequential(cfg: &Config, server: &Server, tree: &Tree) -> Result<Sequential> 
     let bodies: Vec<(String, Vec<u8>)> = (0..cfg.uploads)
         .map(|k| {
             let name = package_name(1 + k * tree.n / cfg.uploads);
-            let body = niso_bytes(&name, &version, cfg.archive_kib * 1024);
+            let body = niso_archive(&name, &version, cfg.archive_kib * 1024);
             (name, body)
         })
         .collect();
@@ -796,7 +718,7 @@ fn throughput(
         .map(|j| {
             let name = package_name(1 + j % n);
             let version = format!("{}.{}.0", 2 + run, j / n);
-            let body = niso_bytes(&name, &version, cfg.archive_kib * 1024);
+            let body = niso_archive(&name, &version, cfg.archive_kib * 1024);
             (name, version, body)
         })
         .collect();
@@ -917,13 +839,16 @@ fn make_big_archive(dir: &Path, mib: u64) -> Result<PathBuf> {
     fs::create_dir_all(pkg.join("payload/bin"))?;
     fs::write(
         pkg.join("niso.toml"),
-        manifest_text("big-upload", "1.0.0").replace("Server benchmark package", "Big upload"),
+        format!(
+            "[package]\nname = \"big-upload\"\nversion = \"1.0.0\"\narch = \"{ARCH}\"\n\
+             description = \"Big upload\"\n\n[binary]\nentrypoint = \"bin/app\"\n"
+        ),
     )?;
     let payload = pkg.join("payload/bin/app");
     {
         let f = fs::File::create(&payload)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        let mut rng = Rng::new(0x05ee_db16_0b0e);
+        let mut rng = common::SplitMix(0x05ee_db16_0b0e);
         let mut buf = vec![0u8; 4 << 20];
         let mut left = mib << 20;
         while left > 0 {
