@@ -291,20 +291,7 @@ fn names_is_rewritten_only_when_the_set_of_packages_changes() {
     p.publish(upload(&hex_fixtures()[0])).unwrap(); // decimal: new package
     assert_ne!(ino(), first, "names was not rewritten for a new package");
     // Every index still verifies, freshness included.
-    let out = niso(&[
-        "registry",
-        "verify",
-        p_(dir.path()),
-        "--public-key",
-        p_(&dir.path().join("public_key")),
-        "--name",
-        "acme",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-}
-
-fn p_(path: &Path) -> &str {
-    path.to_str().unwrap()
+    verify_ok(dir.path());
 }
 
 /// A local store whose `apply` fails at one stage, after applying the
@@ -348,9 +335,9 @@ fn verify_ok(root: &Path) {
     let out = niso(&[
         "registry",
         "verify",
-        p_(root),
+        p(root),
         "--public-key",
-        p_(&root.join("public_key")),
+        p(&root.join("public_key")),
         "--name",
         "acme",
     ]);

@@ -391,13 +391,10 @@ impl Publisher {
                 continue;
             }
             let bin = bin as u8;
-            let bytes = render::freshness_bin(self.repository.as_str(), bin, digests);
+            let bytes = self.bin_file(bin, digests, &mut state.top);
             if self.store.get(&self.layout.freshness_bin(bin)?)?.as_deref() != Some(&bytes[..]) {
                 state.dirty_bins.insert(bin);
             }
-            state
-                .top
-                .insert(Layout::freshness_bin_rel(bin), Digest256::of(&bytes));
         }
         Ok(state)
     }
@@ -777,69 +774,18 @@ impl Publisher {
             };
         }
         let mut top = state.top.clone();
-        if let Some(v) = &globals.versions {
-            top.insert(layout::VERSIONS.into(), Digest256::of(v));
-        }
-        if let Some(n) = &globals.names {
-            top.insert(layout::NAMES.into(), Digest256::of(n));
-        }
         let mut bin_ops = Vec::new();
         for (bin, digests) in &bins {
-            let rel = Layout::freshness_bin_rel(*bin);
             let path = self.layout.freshness_bin(*bin)?;
             if digests.is_empty() {
-                top.remove(&rel);
+                top.remove(&Layout::freshness_bin_rel(*bin));
                 removals.push(Op::Remove { path });
             } else {
-                let bytes = render::freshness_bin(self.repository.as_str(), *bin, digests);
-                top.insert(rel, Digest256::of(&bytes));
+                let bytes = self.bin_file(*bin, digests, &mut top);
                 bin_ops.push(Op::Put { path, bytes });
             }
         }
-        let generation = state.generation + 1;
-        let now = (self.clock)();
-        let fresh = render::freshness(
-            self.repository.as_str(),
-            generation,
-            now,
-            now + self.options.freshness_ttl,
-            &top,
-            self.signer.as_ref(),
-        )?;
-
-        // versions before names: a reader of names finds every package in
-        // versions. All of them become visible in this order, after the
-        // packages they name are durable; the freshness record last.
-        let mut global_ops = Vec::with_capacity(bin_ops.len() + 5);
-        if let Some(bytes) = globals.versions {
-            global_ops.push(Op::Put {
-                path: self.layout.path(layout::VERSIONS)?,
-                bytes,
-            });
-        }
-        if !state.key_written {
-            global_ops.push(Op::Put {
-                path: self.layout.path(layout::PUBLIC_KEY)?,
-                bytes: self.public_key_pem(),
-            });
-        }
-        if let Some(bytes) = globals.names {
-            global_ops.push(Op::Put {
-                path: self.layout.path(layout::NAMES)?,
-                bytes,
-            });
-        }
-        if let Some(bytes) = globals.v1_index {
-            global_ops.push(Op::Put {
-                path: self.layout.path(layout::V1_INDEX)?,
-                bytes,
-            });
-        }
-        global_ops.extend(bin_ops);
-        global_ops.push(Op::Put {
-            path: self.layout.path(layout::FRESHNESS)?,
-            bytes: fresh,
-        });
+        let global_ops = self.global_ops(state, globals, bin_ops, &mut top)?;
 
         let mut package_ops = Vec::new();
         for r in rendered {
@@ -863,19 +809,94 @@ impl Publisher {
         for (bin, digests) in bins {
             state.bins[usize::from(bin)] = digests;
         }
-        state.dirty_bins.clear();
+        Ok(self.enqueue(state, top, vec![creates, package_ops, global_ops, removals]))
+    }
+
+    /// Renders freshness bin `bin` and lists its digest in `top`.
+    fn bin_file(
+        &self,
+        bin: u8,
+        digests: &BTreeMap<String, Digest256>,
+        top: &mut BTreeMap<String, Digest256>,
+    ) -> Vec<u8> {
+        let bytes = render::freshness_bin(self.repository.as_str(), bin, digests);
+        top.insert(Layout::freshness_bin_rel(bin), Digest256::of(&bytes));
+        bytes
+    }
+
+    /// The stage of the global files: `versions`, the public key if the
+    /// tree lacks it, `names`, the v1 list, the freshness bins, then the
+    /// freshness record over `top` (which gets the digests of `versions` and
+    /// `names`), signed with the next generation. versions before names: a
+    /// reader of names finds every package in versions. All of them become
+    /// visible in this order, after the packages they name are durable.
+    fn global_ops(
+        &self,
+        state: &State,
+        globals: render::GlobalFiles,
+        bin_ops: Vec<Op>,
+        top: &mut BTreeMap<String, Digest256>,
+    ) -> Result<Vec<Op>, PublishError> {
+        if let Some(v) = &globals.versions {
+            top.insert(layout::VERSIONS.into(), Digest256::of(v));
+        }
+        if let Some(n) = &globals.names {
+            top.insert(layout::NAMES.into(), Digest256::of(n));
+        }
+        let now = (self.clock)();
+        let fresh = render::freshness(
+            self.repository.as_str(),
+            state.generation + 1,
+            now,
+            now + self.options.freshness_ttl,
+            top,
+            self.signer.as_ref(),
+        )?;
+        let key = (!state.key_written).then(|| self.public_key_pem());
+        let mut ops = Vec::with_capacity(bin_ops.len() + 5);
+        for (rel, bytes) in [
+            (layout::VERSIONS, globals.versions),
+            (layout::PUBLIC_KEY, key),
+            (layout::NAMES, globals.names),
+            (layout::V1_INDEX, globals.v1_index),
+        ] {
+            if let Some(bytes) = bytes {
+                ops.push(Op::Put {
+                    path: self.layout.path(rel)?,
+                    bytes,
+                });
+            }
+        }
+        ops.extend(bin_ops);
+        ops.push(Op::Put {
+            path: self.layout.path(layout::FRESHNESS)?,
+            bytes: fresh,
+        });
+        Ok(ops)
+    }
+
+    /// Records in the model that a change whose files are `stages` was
+    /// prepared (the freshness record over `top`, the next generation), and
+    /// queues it for [`Publisher::commit`].
+    fn enqueue(
+        &self,
+        state: &mut State,
+        top: BTreeMap<String, Digest256>,
+        stages: Vec<Vec<Op>>,
+    ) -> Prepared {
         state.top = top;
+        state.dirty_bins.clear();
         state.key_written = true;
-        state.generation = generation;
+        state.generation += 1;
         let seq = state.next_seq;
         state.next_seq += 1;
-        Ok(Prepared {
+        Prepared {
             seq,
             epoch: state.epoch,
-            stages: vec![creates, package_ops, global_ops, removals],
+            stages,
             queue: self.queue.clone(),
             finished: false,
-        })
+        }
     }
 
     /// The files one package change writes and removes.
@@ -1067,21 +1088,13 @@ impl Publisher {
             render::Wanted::ALL,
             self.signer.as_ref(),
         )?;
-        let (Some(versions), Some(names), Some(v1_index)) =
-            (globals.versions, globals.names, globals.v1_index)
-        else {
-            return Err(PublishError::Invalid("global files not rendered".into()));
-        };
         let mut top = BTreeMap::new();
-        top.insert(layout::VERSIONS.to_string(), Digest256::of(&versions));
-        top.insert(layout::NAMES.to_string(), Digest256::of(&names));
         for (bin, digests) in bins.iter().enumerate() {
             if digests.is_empty() {
                 continue;
             }
             let bin = bin as u8;
-            let bytes = render::freshness_bin(self.repository.as_str(), bin, digests);
-            top.insert(Layout::freshness_bin_rel(bin), Digest256::of(&bytes));
+            let bytes = self.bin_file(bin, digests, &mut top);
             let path = self.layout.freshness_bin(bin)?;
             keep.insert(path.clone());
             candidates.push(Op::Put { path, bytes });
@@ -1105,56 +1118,13 @@ impl Publisher {
             .collect();
         report.files_written = stage_packages.len() + 4;
         report.files_removed = removals.len();
-
-        let generation = state.generation + 1;
-        let now = (self.clock)();
-        let fresh = render::freshness(
-            self.repository.as_str(),
-            generation,
-            now,
-            now + self.options.freshness_ttl,
-            &top,
-            self.signer.as_ref(),
-        )?;
-        let mut global_ops = vec![Op::Put {
-            path: self.layout.path(layout::VERSIONS)?,
-            bytes: versions,
-        }];
-        if !state.key_written {
-            global_ops.push(Op::Put {
-                path: self.layout.path(layout::PUBLIC_KEY)?,
-                bytes: self.public_key_pem(),
-            });
-        }
-        global_ops.push(Op::Put {
-            path: self.layout.path(layout::NAMES)?,
-            bytes: names,
-        });
-        global_ops.push(Op::Put {
-            path: self.layout.path(layout::V1_INDEX)?,
-            bytes: v1_index,
-        });
-        global_ops.push(Op::Put {
-            path: self.layout.path(layout::FRESHNESS)?,
-            bytes: fresh,
-        });
+        // The bins are compared with the tree above, so not in this stage.
+        let global_ops = self.global_ops(state, globals, Vec::new(), &mut top)?;
 
         state.packages = packages;
         state.rows = rows;
         state.bins = bins;
-        state.top = top;
-        state.dirty_bins.clear();
-        state.key_written = true;
-        state.generation = generation;
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        let prepared = Prepared {
-            seq,
-            epoch: state.epoch,
-            stages: vec![stage_packages, global_ops, removals],
-            queue: self.queue.clone(),
-            finished: false,
-        };
+        let prepared = self.enqueue(state, top, vec![stage_packages, global_ops, removals]);
         Ok((prepared, report))
     }
 

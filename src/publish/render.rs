@@ -424,15 +424,11 @@ mod tests {
             repository: "acme".into(),
         };
         assert_eq!(versions, whole);
-        assert_eq!(
-            crate::index::codec::verified_payload(
-                g.versions.as_ref().unwrap(),
-                key.public_key(),
-                1 << 20
-            )
-            .unwrap(),
-            whole.encode_to_vec()
-        );
+        let payload = |file: &Option<Vec<u8>>| {
+            crate::index::codec::verified_payload(file.as_ref().unwrap(), key.public_key(), 1 << 20)
+                .unwrap()
+        };
+        assert_eq!(payload(&g.versions), whole.encode_to_vec());
         let names = pb::Names {
             packages: pkgs
                 .iter()
@@ -442,15 +438,7 @@ mod tests {
                 .collect(),
             repository: "acme".into(),
         };
-        assert_eq!(
-            crate::index::codec::verified_payload(
-                g.names.as_ref().unwrap(),
-                key.public_key(),
-                1 << 20
-            )
-            .unwrap(),
-            names.encode_to_vec()
-        );
+        assert_eq!(payload(&g.names), names.encode_to_vec());
         let list = json::PackageList {
             packages: pkgs.iter().map(summary).collect(),
         };
