@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{niso_archive, ARCH};
+use common::{cpu_model, loadavg, niso_archive, percentile, syncfs, uname_m, ARCH};
 use niso::archive::inspect_file;
 use niso::datadir::DataDir;
 use niso::ident::RepoName;
@@ -189,21 +189,6 @@ fn generate(archives: &Path, n: usize, v: usize, width: usize) -> Result<u64> {
     Ok(total)
 }
 
-fn sync_filesystem(dir: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let d = fs::File::open(dir)?;
-    // SAFETY: syncfs only uses the descriptor, which `d` keeps open.
-    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-        return Err(format!(
-            "syncfs {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        )
-        .into());
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------
 // Measuring a child process.
 
@@ -324,7 +309,7 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     // Make the generated archives durable now, so the first rebuild's
     // syncfs does not pay for writing them (a real tree's archives are
     // already on disk).
-    sync_filesystem(&archives_dir)?;
+    syncfs(&archives_dir)?;
     let generate_time = t.elapsed();
     let limits = Limits::default();
     // Check one archive with the registry's own reader before measuring.
@@ -342,7 +327,7 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     );
 
     // 2. Rebuilds, each in a fresh child process.
-    let load_before = loadavg();
+    let load_before = loadavg(3);
     let mut rebuilds = Vec::new();
     for i in 0..3 {
         let run = run_measured(
@@ -443,7 +428,7 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     }
     drop(publisher);
     drop(_lock);
-    let load_after = loadavg();
+    let load_after = loadavg(3);
 
     // As the full rebuild counted them.
     let (releases, archives) = (
@@ -470,23 +455,8 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     })
 }
 
-/// The 1-, 5- and 15-minute load averages.
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
 // ---------------------------------------------------------------------------
 // Reporting.
-
-/// Nearest-rank percentile of unsorted samples.
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
 
 fn mib(kib: i64) -> f64 {
     kib as f64 / 1024.0
@@ -512,30 +482,6 @@ fn fs_type(path: &Path) -> String {
         0x0102_1997 => "9p".into(),
         other => format!("0x{other:x}"),
     }
-}
-
-fn uname_m() -> String {
-    // SAFETY: utsname is plain data; uname fills it.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return std::env::consts::ARCH.into();
-    }
-    // SAFETY: uname NUL-terminates the field.
-    unsafe { std::ffi::CStr::from_ptr(u.machine.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn report(cfg: &Config, results: &[SizeResult]) -> String {

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{niso_archive, ARCH};
+use common::{cpu_model, loadavg, niso_archive, percentile, syncfs, uname_m, ARCH};
 use niso::datadir::DataDir;
 use niso::ident::RepoName;
 use niso::limits::Limits;
@@ -365,10 +365,16 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        kill_if_running(&mut self.child);
+    }
+}
+
+/// Kills and reaps `child` unless it has exited (a bench that stops early
+/// must not leave servers behind).
+fn kill_if_running(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -495,18 +501,6 @@ fn write_tree_archives(dir: &Path, n: usize, v: usize) -> Result<u64> {
         total += r?;
     }
     Ok(total)
-}
-
-/// One `syncfs(2)` so the generated files are on disk before anything is
-/// measured.
-fn syncfs(dir: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let f = fs::File::open(dir)?;
-    // SAFETY: syncfs only uses the descriptor, which `f` keeps open.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(format!("syncfs: {}", std::io::Error::last_os_error()).into());
-    }
-    Ok(())
 }
 
 fn free_bytes(dir: &Path) -> Result<u64> {
@@ -1121,10 +1115,7 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        kill_if_running(&mut self.child);
     }
 }
 
@@ -1260,14 +1251,6 @@ fn static_compare(cfg: &Config, niso: &Path, tree: &Tree) -> Result<StaticResult
 // ---------------------------------------------------------------------------
 // Reporting.
 
-/// Nearest-rank percentile of unsorted samples (`p` = 0 is the minimum).
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
-
 fn percentile_or_nan(samples: &[f64], p: f64) -> f64 {
     if samples.is_empty() {
         f64::NAN
@@ -1292,30 +1275,6 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-fn uname_m() -> String {
-    // SAFETY: utsname is plain data; uname fills it.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return std::env::consts::ARCH.into();
-    }
-    // SAFETY: uname NUL-terminates the field.
-    unsafe { std::ffi::CStr::from_ptr(u.machine.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 struct Results {
     niso: PathBuf,
     source: String,
@@ -1327,14 +1286,6 @@ struct Results {
     verified: Vec<(usize, bool, String)>,
     big: Option<(usize, BigUpload)>,
     statics: Option<StaticResult>,
-}
-
-/// The 1-minute load average, to show whether anything else ran.
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
 }
 
 /// The commit and the uncommitted changes to the server's sources that the
@@ -1784,7 +1735,7 @@ fn run() -> Result<()> {
         ));
         results
             .load
-            .push((format!("sequential uploads, N = {n}"), loadavg()));
+            .push((format!("sequential uploads, N = {n}"), loadavg(1)));
         let server = Server::start(&niso, &tree.root, &[], "info")?;
         let seq = sequential(&cfg, &server, &tree);
         let seq = seq.map_err(|e| format!("{e}\n{}", server.tail_text()))?;
@@ -1796,7 +1747,7 @@ fn run() -> Result<()> {
     let small = &trees[0];
     if !cfg.clients.is_empty() {
         eprintln!("== throughput on {} packages", small.n);
-        results.load.push(("throughput".into(), loadavg()));
+        results.load.push(("throughput".into(), loadavg(1)));
         let server = Server::start(&niso, &small.root, &[], "info")?;
         for (run, &c) in cfg.clients.iter().enumerate() {
             let t = throughput(&cfg, &server, small, c, run)?;
@@ -1812,18 +1763,18 @@ fn run() -> Result<()> {
     // 3. Memory during a big upload, on the smallest tree.
     if cfg.big_mib > 0 {
         eprintln!("== big upload on {} packages", small.n);
-        results.load.push(("big upload".into(), loadavg()));
+        results.load.push(("big upload".into(), loadavg(1)));
         results.big = Some((small.n, big_upload(&cfg, &niso, small)?));
     }
     // 4. Static serving of the largest tree.
     if cfg.statics {
         let large = &trees[trees.len() - 1];
         eprintln!("== static serving of {} packages", large.n);
-        results.load.push(("static serving".into(), loadavg()));
+        results.load.push(("static serving".into(), loadavg(1)));
         results.statics = Some(static_compare(&cfg, &niso, large)?);
     }
     drop(trees);
-    results.load.push(("end".into(), loadavg()));
+    results.load.push(("end".into(), loadavg(1)));
     let md = report(&cfg, &results);
     print!("{md}");
     if let Some(parent) = cfg.out.parent() {
