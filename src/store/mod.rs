@@ -123,9 +123,12 @@ pub trait Store: Send + Sync {
     /// Applies the stages in order; each stage is durable before the next
     /// one becomes visible. Within a stage, ops become visible in their
     /// order, except that a store may split a stage of many ops into
-    /// contiguous runs applied at once, each run in order. A failure stops at once: earlier stages stay
-    /// applied (each is complete and consistent on its own), later ones are
-    /// not started.
+    /// contiguous runs applied at once, each run in order. A store may
+    /// write the data of every stage before it makes the first one visible
+    /// (a link is only made when its stage becomes visible, so it may name a
+    /// file an earlier stage creates). A failure stops at once: earlier
+    /// stages stay applied (each is complete and consistent on its own),
+    /// later ones never become visible.
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError>;
 
     /// Every file under `prefix` (a directory path; `""` for the whole tree),
