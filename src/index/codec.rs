@@ -9,6 +9,7 @@
 //! Decoding follows the order Hex's registry v2 spec gives: gunzip (bounded),
 //! decode `Signed`, verify the signature, and only then decode the payload.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 
 use flate2::{read::GzDecoder, Compression, GzBuilder};
@@ -50,11 +51,6 @@ pub fn encode_index<M: Message>(message: &M, signer: &dyn Signer) -> Result<Vec<
         signer,
         Compression::new(GZIP_LEVEL),
     )
-}
-
-/// Signs and gzips payload bytes encoded elsewhere (by concatenation).
-pub fn encode_payload(payload: Vec<u8>, signer: &dyn Signer) -> Result<Vec<u8>, KeyError> {
-    encode_signed(payload, signer, Compression::new(GZIP_LEVEL))
 }
 
 /// Like [`encode_index`], in a gzip container without compression: for the
@@ -111,9 +107,7 @@ fn gzip_with(bytes: &[u8], level: Compression) -> Vec<u8> {
         })
         .collect();
     let mut out = Vec::with_capacity(parts.iter().map(|(p, _)| p.len()).sum::<usize>() + 18);
-    // The header GzBuilder writes for the small case: no flags, mtime 0,
-    // no extra flags, OS "unknown".
-    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+    out.extend_from_slice(&GZIP_HEADER);
     let mut crc = crc32fast::Hasher::new();
     for (part, c) in parts {
         out.extend_from_slice(&part);
@@ -123,6 +117,10 @@ fn gzip_with(bytes: &[u8], level: Compression) -> Vec<u8> {
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     out
 }
+
+/// The header GzBuilder writes for small streams: no flags, mtime 0, no
+/// extra flags, OS "unknown".
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
 /// Above this many bytes, gzip streams are deflated in chunks in parallel.
 const GZIP_CHUNK: usize = 128 * 1024;
@@ -150,6 +148,116 @@ fn deflate_chunk(chunk: &[u8], level: Compression, last: bool) -> Vec<u8> {
         }
         out.reserve(out.capacity().max(1024));
     }
+}
+
+/// The deflated groups of a large index from its last encoding, so the next
+/// encoding deflates only the groups whose bytes changed. Entries are
+/// checked byte for byte before reuse, so a stale cache costs time, never
+/// correctness, and the output is the same with or without it.
+#[derive(Default)]
+pub struct SegmentCache {
+    groups: HashMap<Vec<u8>, Segment>,
+}
+
+struct Segment {
+    raw: Vec<u8>,
+    deflated: Vec<u8>,
+    crc: crc32fast::Hasher,
+}
+
+/// The bytes a cached group is found by: its start (its first package's
+/// name, for a `versions` or `names` group). Reuse is decided by comparing
+/// the whole group.
+fn segment_key(raw: &[u8]) -> Vec<u8> {
+    raw[..raw.len().min(48)].to_vec()
+}
+
+impl Segment {
+    fn deflate(raw: &[u8], level: Compression) -> Self {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(raw);
+        Segment {
+            raw: raw.to_vec(),
+            deflated: deflate_chunk(raw, level, false),
+            crc,
+        }
+    }
+}
+
+/// Signs `payload` and gzips `Signed{payload, signature}` in pieces: the
+/// message head, each group `payload[cuts[i-1]..cuts[i]]`, and the rest of
+/// the payload with the signature. Every piece but the last ends with a
+/// full flush, so the pieces concatenate into one ordinary deflate stream
+/// (as in the parallel path of [`gzip`]), and a group deflates the same
+/// wherever it sits: the groups found unchanged in `cache` are reused, the
+/// others deflated on every core. Callers cut between packages at points
+/// that depend on the package names only, so a publish changes one group.
+pub fn encode_segmented(
+    payload: Vec<u8>,
+    cuts: &[usize],
+    signer: &dyn Signer,
+    cache: &mut SegmentCache,
+) -> Result<Vec<u8>, KeyError> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let signature = signer.sign(&payload)?;
+    let level = Compression::new(GZIP_LEVEL);
+
+    let mut head = Vec::with_capacity(16);
+    encode_key(1, WireType::LengthDelimited, &mut head);
+    encode_varint(payload.len() as u64, &mut head);
+    let mut ranges = Vec::with_capacity(cuts.len());
+    let mut start = 0;
+    for &cut in cuts {
+        let cut = cut.min(payload.len());
+        if cut > start {
+            ranges.push(start..cut);
+            start = cut;
+        }
+    }
+    let mut tail = payload[start..].to_vec();
+    encode_key(2, WireType::LengthDelimited, &mut tail);
+    encode_varint(signature.len() as u64, &mut tail);
+    tail.extend_from_slice(&signature);
+
+    let mut old = std::mem::take(&mut cache.groups);
+    let found: Vec<Option<Segment>> = ranges
+        .iter()
+        .map(|r| {
+            let raw = &payload[r.clone()];
+            old.remove(&segment_key(raw)).filter(|s| s.raw == raw)
+        })
+        .collect();
+    let segments: Vec<Segment> = found
+        .into_par_iter()
+        .zip(ranges.par_iter())
+        .map(|(hit, r)| hit.unwrap_or_else(|| Segment::deflate(&payload[r.clone()], level)))
+        .collect();
+
+    let head_deflated = deflate_chunk(&head, level, false);
+    let tail_deflated = deflate_chunk(&tail, level, true);
+    let body: usize = segments.iter().map(|s| s.deflated.len()).sum();
+    let mut out = Vec::with_capacity(head_deflated.len() + body + tail_deflated.len() + 18);
+    out.extend_from_slice(&GZIP_HEADER);
+    out.extend_from_slice(&head_deflated);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    for s in &segments {
+        out.extend_from_slice(&s.deflated);
+        crc.combine(&s.crc);
+    }
+    out.extend_from_slice(&tail_deflated);
+    let mut tail_crc = crc32fast::Hasher::new();
+    tail_crc.update(&tail);
+    crc.combine(&tail_crc);
+    // The Signed message's length: head, groups (payload[..start]), tail.
+    let total = head.len() + start + tail.len();
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&(total as u32).to_le_bytes());
+    cache.groups = segments
+        .into_iter()
+        .map(|s| (segment_key(&s.raw), s))
+        .collect();
+    Ok(out)
 }
 
 /// Gunzips at most `limit` bytes; more is an error, not a truncation.
@@ -248,6 +356,65 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn segmented_encoding_is_an_ordinary_signed_index_whatever_the_cache_holds() {
+        // A payload of many small "rows", cut every 37 of them.
+        let mut payload = Vec::new();
+        let mut cuts = Vec::new();
+        for i in 0..3000u32 {
+            prost::encoding::string::encode(1, &format!("package-{i:05}"), &mut payload);
+            if i % 37 == 36 {
+                cuts.push(payload.len());
+            }
+        }
+        prost::encoding::string::encode(2, &"acme".to_string(), &mut payload);
+        let mut cache = SegmentCache::default();
+        let first = encode_segmented(payload.clone(), &cuts, key(), &mut cache).unwrap();
+        assert!(cache.groups.len() > 50);
+        // gunzip gives exactly the Signed message prost would write.
+        let raw = gunzip_limited(&first, 1 << 24).unwrap();
+        let signed = pb::Signed::decode(raw.as_slice()).unwrap();
+        assert_eq!(signed.payload, payload);
+        assert_eq!(raw, signed.encode_to_vec());
+        assert_eq!(
+            verified_payload(&first, key().public_key(), 1 << 24).unwrap(),
+            payload
+        );
+        // Same bytes from a warm cache and from a cold one.
+        let warm = encode_segmented(payload.clone(), &cuts, key(), &mut cache).unwrap();
+        assert_eq!(warm, first);
+        // Change one row in the middle: only its group is new, and the
+        // result equals a cold encoding of the new payload.
+        let mut changed = payload.clone();
+        let at = cuts[40] + 5;
+        changed[at] ^= 1;
+        let before: std::collections::HashSet<*const u8> =
+            cache.groups.values().map(|s| s.deflated.as_ptr()).collect();
+        let incremental = encode_segmented(changed.clone(), &cuts, key(), &mut cache).unwrap();
+        let redone = cache
+            .groups
+            .values()
+            .filter(|s| !before.contains(&s.deflated.as_ptr()))
+            .count();
+        assert_eq!(redone, 1, "only the changed group is deflated again");
+        let cold =
+            encode_segmented(changed.clone(), &cuts, key(), &mut SegmentCache::default()).unwrap();
+        assert_eq!(incremental, cold);
+        assert_eq!(
+            verified_payload(&cold, key().public_key(), 1 << 24).unwrap(),
+            changed
+        );
+        // Also with no cuts at all, and cuts past the end.
+        for cuts in [vec![], vec![payload.len() + 10]] {
+            let one = encode_segmented(payload.clone(), &cuts, key(), &mut SegmentCache::default())
+                .unwrap();
+            assert_eq!(
+                verified_payload(&one, key().public_key(), 1 << 24).unwrap(),
+                payload
+            );
         }
     }
 

@@ -252,6 +252,9 @@ pub struct Publisher {
     clock: fn() -> i64,
     state: Mutex<State>,
     queue: Arc<Queue>,
+    /// The deflated groups of the last `versions` and `names`. Only ever
+    /// locked while `state` is (or by a rebuild, which holds the tree).
+    global_cache: Mutex<render::GlobalCache>,
 }
 
 pub fn unix_now() -> i64 {
@@ -280,10 +283,19 @@ impl Publisher {
             clock: unix_now,
             state: Mutex::new(State::empty()),
             queue: Arc::default(),
+            global_cache: Mutex::default(),
         };
         let loaded = this.load()?;
         *this.lock() = loaded;
         Ok(this)
+    }
+
+    /// The cache of deflated `versions`/`names` groups. Its entries are
+    /// checked before use, so one left behind by a panic is still sound.
+    fn global_cache(&self) -> MutexGuard<'_, render::GlobalCache> {
+        self.global_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Replaces the clock (tests).
@@ -753,6 +765,7 @@ impl Publisher {
                 &merged,
                 wanted,
                 self.signer.as_ref(),
+                &mut self.global_cache(),
             )
         };
         let (rendered, globals) = rayon::join(render_packages, render_globals);
@@ -1087,6 +1100,7 @@ impl Publisher {
             &row_refs,
             render::Wanted::ALL,
             self.signer.as_ref(),
+            &mut self.global_cache(),
         )?;
         let mut top = BTreeMap::new();
         for (bin, digests) in bins.iter().enumerate() {

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::layout::Layout;
 use super::PublishError;
 use crate::ident::{Arch, PackageName, Version};
-use crate::index::codec::encode_payload;
+use crate::index::codec::{encode_segmented, SegmentCache};
 use crate::index::json::{self, Manifest, ManifestBinary, ManifestIsolation, ManifestPackage};
 use crate::index::{encode_index, pb, Signer};
 use crate::store::Op;
@@ -185,7 +185,18 @@ pub struct Row {
     pub(super) versions: Vec<u8>,
     pub(super) names: Vec<u8>,
     pub(super) json: Vec<u8>,
+    /// Whether `versions` and `names` are cut into a new deflate group
+    /// after this package (see [`global_files`]).
+    pub(super) cut: bool,
 }
+
+/// One package in this many ends a deflate group of `versions` and `names`:
+/// a few hundred packages a group, tens of kilobytes of `versions`.
+const GROUP_ROWS: u8 = 255;
+
+/// Past this many bytes a group is cut whatever the names (a run of
+/// unlucky names cannot make one huge group).
+const GROUP_MAX: usize = 256 * 1024;
 
 /// A package's entry in `versions`: its versions in index order, and the
 /// positions of the retired ones.
@@ -217,10 +228,14 @@ pub fn row(pkg: &pb::Package) -> Row {
     );
     // A summary always serializes (string fields only).
     let json = serde_json::to_vec(&summary(pkg)).expect("summaries serialize");
+    // A cut depends on the name alone, so adding or changing a package
+    // moves no other group's boundaries.
+    let cut = Sha256::digest(pkg.name.as_bytes())[1] == GROUP_ROWS;
     Row {
         versions,
         names,
         json,
+        cut,
     }
 }
 
@@ -249,31 +264,51 @@ impl Wanted {
     };
 }
 
-/// The global files from every package's [`Row`], in name order. Byte for
-/// byte what encoding the whole `Versions`/`Names` messages and the
-/// `PackageList` document gives (a unit test holds it to that). `versions`
-/// and `names` are signed on two threads.
+/// What the last encoding of `versions` and `names` deflated, for the next
+/// one to reuse (see [`encode_segmented`]).
+#[derive(Default)]
+pub struct GlobalCache {
+    versions: SegmentCache,
+    names: SegmentCache,
+}
+
+/// The global files from every package's [`Row`], in name order. The
+/// payloads are byte for byte what encoding the whole `Versions`/`Names`
+/// messages and the `PackageList` document gives (a unit test holds it to
+/// that). `versions` and `names` are signed on two threads, and deflated in
+/// groups of packages cut by name, so that a publish deflates again only
+/// the group it changed.
 pub fn global_files(
     repository: &str,
     rows: &[&Row],
     wanted: Wanted,
     signer: &dyn Signer,
+    cache: &mut GlobalCache,
 ) -> Result<GlobalFiles, PublishError> {
     // Field 2, after the repeated field 1, as prost orders fields.
     let repository = repository.to_string();
     // Each list is built and signed on its own thread: at ten thousand
     // packages each is hundreds of kilobytes.
-    let signed = |wanted: bool, part: fn(&Row) -> &[u8]| -> Result<Option<Vec<u8>>, PublishError> {
+    let signed = |wanted: bool,
+                  part: fn(&Row) -> &[u8],
+                  cache: &mut SegmentCache|
+     -> Result<Option<Vec<u8>>, PublishError> {
         if !wanted {
             return Ok(None);
         }
         let mut payload =
             Vec::with_capacity(rows.iter().map(|r| part(r).len()).sum::<usize>() + 64);
+        let mut cuts = Vec::new();
+        let mut group_start = 0;
         for r in rows {
             payload.extend_from_slice(part(r));
+            if r.cut || payload.len() - group_start >= GROUP_MAX {
+                cuts.push(payload.len());
+                group_start = payload.len();
+            }
         }
         prost::encoding::string::encode(2, &repository, &mut payload);
-        Ok(Some(encode_payload(payload, signer)?))
+        Ok(Some(encode_segmented(payload, &cuts, signer, cache)?))
     };
     let list = || {
         wanted.v1_index.then(|| {
@@ -293,8 +328,8 @@ pub fn global_files(
     let ((versions, names), v1_index) = rayon::join(
         || {
             rayon::join(
-                || signed(wanted.versions, |r| &r.versions),
-                || signed(wanted.names, |r| &r.names),
+                || signed(wanted.versions, |r| &r.versions, &mut cache.versions),
+                || signed(wanted.names, |r| &r.names, &mut cache.names),
             )
         },
         list,
@@ -398,7 +433,14 @@ mod tests {
         ];
         let rows: Vec<Row> = pkgs.iter().map(row).collect();
         let refs: Vec<&Row> = rows.iter().collect();
-        let g = global_files("acme", &refs, Wanted::ALL, &key).unwrap();
+        let g = global_files(
+            "acme",
+            &refs,
+            Wanted::ALL,
+            &key,
+            &mut GlobalCache::default(),
+        )
+        .unwrap();
         let versions: pb::Versions = decode_index(
             g.versions.as_ref().unwrap(),
             key.public_key(),
@@ -443,13 +485,50 @@ mod tests {
             packages: pkgs.iter().map(summary).collect(),
         };
         assert_eq!(g.v1_index.unwrap(), json::to_bytes(&list));
+        // Enough packages for many deflate groups: from a warm cache after
+        // a change, the same files as from a cold one.
+        let many: Vec<pb::Package> = (0..3000)
+            .map(|i| package(&format!("pkg_{i:04}"), &["1.0.0", "2.0.0"], &[]))
+            .collect();
+        let mut rows: Vec<Row> = many.iter().map(row).collect();
+        assert!(rows.iter().filter(|r| r.cut).count() > 3);
+        let mut cache = GlobalCache::default();
+        global_files(
+            "acme",
+            &rows.iter().collect::<Vec<_>>(),
+            Wanted::ALL,
+            &key,
+            &mut cache,
+        )
+        .unwrap();
+        rows[1500] = row(&package("pkg_1500", &["1.0.0", "2.0.0", "3.0.0"], &[]));
+        let refs: Vec<&Row> = rows.iter().collect();
+        let warm = global_files("acme", &refs, Wanted::ALL, &key, &mut cache).unwrap();
+        let cold = global_files(
+            "acme",
+            &refs,
+            Wanted::ALL,
+            &key,
+            &mut GlobalCache::default(),
+        )
+        .unwrap();
+        assert_eq!(warm.versions, cold.versions);
+        assert_eq!(warm.names, cold.names);
+        let decoded: pb::Versions = decode_index(
+            warm.versions.as_ref().unwrap(),
+            key.public_key(),
+            "acme",
+            1 << 24,
+        )
+        .unwrap();
+        assert_eq!(decoded.packages[1500].versions.len(), 3);
         // And an empty repository, where only the list is wanted.
         let only_list = Wanted {
             versions: false,
             names: false,
             v1_index: true,
         };
-        let g = global_files("acme", &[], only_list, &key).unwrap();
+        let g = global_files("acme", &[], only_list, &key, &mut GlobalCache::default()).unwrap();
         assert!(g.names.is_none() && g.versions.is_none());
         assert_eq!(g.v1_index.unwrap(), b"{\"packages\":[]}\n");
     }
