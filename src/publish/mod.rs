@@ -748,18 +748,19 @@ impl Publisher {
             if !(wanted.versions || wanted.names || wanted.v1_index) {
                 return Ok(render::GlobalFiles::default());
             }
+            // The unchanged rows between two changed packages are taken by
+            // range, without comparing ten thousand names.
+            use std::ops::Bound;
             let mut merged = Vec::with_capacity(state.rows.len() + new_rows.len());
-            let mut fresh = new_rows.iter().peekable();
-            for (name, row) in &state.rows {
-                while let Some((_, r)) = fresh.next_if(|(n, _)| **n < name.as_str()) {
-                    merged.extend(r.as_ref());
-                }
-                match fresh.next_if(|(n, _)| **n == name.as_str()) {
-                    Some((_, r)) => merged.extend(r.as_ref()),
-                    None => merged.push(row),
-                }
+            let mut lower: Bound<&str> = Bound::Unbounded;
+            for (name, row) in &new_rows {
+                let between = (lower, Bound::Excluded(*name));
+                merged.extend(state.rows.range::<str, _>(between).map(|(_, r)| r));
+                merged.extend(row.as_ref());
+                lower = Bound::Excluded(*name);
             }
-            merged.extend(fresh.filter_map(|(_, r)| r.as_ref()));
+            let rest = (lower, Bound::Unbounded);
+            merged.extend(state.rows.range::<str, _>(rest).map(|(_, r)| r));
             render::global_files(
                 self.repository.as_str(),
                 &merged,

@@ -2,7 +2,7 @@
 //! bytes of every index and `v1/` document. Incremental publishes and full
 //! rebuilds both come through here, which is why they agree byte for byte.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sha2::{Digest, Sha256};
 
@@ -180,23 +180,29 @@ pub fn summary(pkg: &pb::Package) -> json::PackageSummary {
 /// changes: its `versions` and `names` entries (protobuf field 1, key and
 /// length included) and its `/v1/packages` JSON entry. A publish then builds
 /// the global files by concatenation instead of re-encoding every package.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Row {
     pub(super) versions: Vec<u8>,
     pub(super) names: Vec<u8>,
     pub(super) json: Vec<u8>,
-    /// Whether `versions` and `names` are cut into a new deflate group
-    /// after this package (see [`global_files`]).
+    /// Whether a group of packages ends after this one (see
+    /// [`global_files`]).
     pub(super) cut: bool,
+    /// Unique to this encoding (copies share it): lets [`GlobalCache`]
+    /// tell that a group holds the same rows as last time without reading
+    /// them.
+    id: u64,
 }
 
-/// One package in this many ends a deflate group of `versions` and `names`:
-/// a few hundred packages a group, tens of kilobytes of `versions`.
+/// One package in this many ends a group: a few hundred packages a group,
+/// tens of kilobytes of `versions`.
 const GROUP_ROWS: u8 = 255;
 
-/// Past this many bytes a group is cut whatever the names (a run of
+/// A group ends after this many packages whatever the names (a run of
 /// unlucky names cannot make one huge group).
-const GROUP_MAX: usize = 256 * 1024;
+const GROUP_MAX_ROWS: usize = 2048;
+
+static NEXT_ROW_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A package's entry in `versions`: its versions in index order, and the
 /// positions of the retired ones.
@@ -236,6 +242,7 @@ pub fn row(pkg: &pb::Package) -> Row {
         names,
         json,
         cut,
+        id: NEXT_ROW_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -264,12 +271,65 @@ impl Wanted {
     };
 }
 
-/// What the last encoding of `versions` and `names` deflated, for the next
-/// one to reuse (see [`encode_segmented`]).
+/// What the last global files were made of, for the next ones to reuse:
+/// each group's rows concatenated, and the deflated groups of `versions`
+/// and `names` (see [`encode_segmented`]).
 #[derive(Default)]
 pub struct GlobalCache {
     versions: SegmentCache,
     names: SegmentCache,
+    groups: HashMap<u64, RowGroup>,
+}
+
+/// A group of packages' rows, concatenated (JSON entries joined by commas).
+struct RowGroup {
+    ids: Vec<u64>,
+    versions: Vec<u8>,
+    names: Vec<u8>,
+    json: Vec<u8>,
+}
+
+impl RowGroup {
+    fn new(rows: &[&Row]) -> Self {
+        let mut g = RowGroup {
+            ids: rows.iter().map(|r| r.id).collect(),
+            versions: Vec::with_capacity(rows.iter().map(|r| r.versions.len()).sum()),
+            names: Vec::with_capacity(rows.iter().map(|r| r.names.len()).sum()),
+            json: Vec::with_capacity(rows.iter().map(|r| r.json.len() + 1).sum()),
+        };
+        for (i, r) in rows.iter().enumerate() {
+            g.versions.extend_from_slice(&r.versions);
+            g.names.extend_from_slice(&r.names);
+            if i > 0 {
+                g.json.push(b',');
+            }
+            g.json.extend_from_slice(&r.json);
+        }
+        g
+    }
+}
+
+/// The groups of `rows`, in order: from the cache where a group holds the
+/// same rows as last time (copying a group's bytes in one piece is much
+/// cheaper than gathering ten thousand small rows from all over the heap),
+/// built otherwise. The cache keeps the groups returned.
+fn row_groups<'c>(rows: &[&Row], cache: &'c mut HashMap<u64, RowGroup>) -> Vec<&'c RowGroup> {
+    let mut old = std::mem::take(cache);
+    let mut order = Vec::new();
+    let mut start = 0;
+    for (i, r) in rows.iter().enumerate() {
+        if r.cut || i + 1 == rows.len() || i + 1 - start >= GROUP_MAX_ROWS {
+            let group = &rows[start..=i];
+            let first = group[0].id;
+            let reused = old
+                .remove(&first)
+                .filter(|g| g.ids.iter().copied().eq(group.iter().map(|r| r.id)));
+            cache.insert(first, reused.unwrap_or_else(|| RowGroup::new(group)));
+            order.push(first);
+            start = i + 1;
+        }
+    }
+    order.iter().filter_map(|id| cache.get(id)).collect()
 }
 
 /// The global files from every package's [`Row`], in name order. The
@@ -287,39 +347,42 @@ pub fn global_files(
 ) -> Result<GlobalFiles, PublishError> {
     // Field 2, after the repeated field 1, as prost orders fields.
     let repository = repository.to_string();
+    let GlobalCache {
+        versions: versions_cache,
+        names: names_cache,
+        groups,
+    } = cache;
+    let groups = row_groups(rows, groups);
+    let groups = groups.as_slice();
     // Each list is built and signed on its own thread: at ten thousand
     // packages each is hundreds of kilobytes.
     let signed = |wanted: bool,
-                  part: fn(&Row) -> &[u8],
+                  part: fn(&RowGroup) -> &[u8],
                   cache: &mut SegmentCache|
      -> Result<Option<Vec<u8>>, PublishError> {
         if !wanted {
             return Ok(None);
         }
         let mut payload =
-            Vec::with_capacity(rows.iter().map(|r| part(r).len()).sum::<usize>() + 64);
-        let mut cuts = Vec::new();
-        let mut group_start = 0;
-        for r in rows {
-            payload.extend_from_slice(part(r));
-            if r.cut || payload.len() - group_start >= GROUP_MAX {
-                cuts.push(payload.len());
-                group_start = payload.len();
-            }
+            Vec::with_capacity(groups.iter().map(|g| part(g).len()).sum::<usize>() + 64);
+        let mut cuts = Vec::with_capacity(groups.len());
+        for g in groups {
+            payload.extend_from_slice(part(g));
+            cuts.push(payload.len());
         }
         prost::encoding::string::encode(2, &repository, &mut payload);
         Ok(Some(encode_segmented(payload, &cuts, signer, cache)?))
     };
     let list = || {
         wanted.v1_index.then(|| {
-            let len = rows.iter().map(|r| r.json.len() + 1).sum::<usize>();
+            let len = groups.iter().map(|g| g.json.len() + 1).sum::<usize>();
             let mut list = Vec::with_capacity(len + 16);
             list.extend_from_slice(b"{\"packages\":[");
-            for (i, r) in rows.iter().enumerate() {
+            for (i, g) in groups.iter().enumerate() {
                 if i > 0 {
                     list.push(b',');
                 }
-                list.extend_from_slice(&r.json);
+                list.extend_from_slice(&g.json);
             }
             list.extend_from_slice(b"]}\n");
             list
@@ -328,8 +391,8 @@ pub fn global_files(
     let ((versions, names), v1_index) = rayon::join(
         || {
             rayon::join(
-                || signed(wanted.versions, |r| &r.versions, &mut cache.versions),
-                || signed(wanted.names, |r| &r.names, &mut cache.names),
+                || signed(wanted.versions, |g| &g.versions, versions_cache),
+                || signed(wanted.names, |g| &g.names, names_cache),
             )
         },
         list,
@@ -503,7 +566,18 @@ mod tests {
         .unwrap();
         rows[1500] = row(&package("pkg_1500", &["1.0.0", "2.0.0", "3.0.0"], &[]));
         let refs: Vec<&Row> = rows.iter().collect();
+        let before: std::collections::HashSet<*const u8> =
+            cache.groups.values().map(|g| g.versions.as_ptr()).collect();
         let warm = global_files("acme", &refs, Wanted::ALL, &key, &mut cache).unwrap();
+        let rebuilt = cache
+            .groups
+            .values()
+            .filter(|g| !before.contains(&g.versions.as_ptr()))
+            .count();
+        assert_eq!(
+            rebuilt, 1,
+            "only the changed package's group is gathered again"
+        );
         let cold = global_files(
             "acme",
             &refs,
