@@ -486,6 +486,11 @@ mod tests {
         }
     }
 
+    /// The global files from an empty cache.
+    fn cold(rows: &[&Row], wanted: Wanted, key: &RepoKey) -> GlobalFiles {
+        global_files("acme", rows, wanted, key, &mut GlobalCache::default()).unwrap()
+    }
+
     #[test]
     fn rows_concatenate_to_the_whole_messages() {
         let key = RepoKey::generate().unwrap();
@@ -496,14 +501,7 @@ mod tests {
         ];
         let rows: Vec<Row> = pkgs.iter().map(row).collect();
         let refs: Vec<&Row> = rows.iter().collect();
-        let g = global_files(
-            "acme",
-            &refs,
-            Wanted::ALL,
-            &key,
-            &mut GlobalCache::default(),
-        )
-        .unwrap();
+        let g = cold(&refs, Wanted::ALL, &key);
         let versions: pb::Versions = decode_index(
             g.versions.as_ref().unwrap(),
             key.public_key(),
@@ -578,16 +576,9 @@ mod tests {
             rebuilt, 1,
             "only the changed package's group is gathered again"
         );
-        let cold = global_files(
-            "acme",
-            &refs,
-            Wanted::ALL,
-            &key,
-            &mut GlobalCache::default(),
-        )
-        .unwrap();
-        assert_eq!(warm.versions, cold.versions);
-        assert_eq!(warm.names, cold.names);
+        let fresh = cold(&refs, Wanted::ALL, &key);
+        assert_eq!(warm.versions, fresh.versions);
+        assert_eq!(warm.names, fresh.names);
         let decoded: pb::Versions = decode_index(
             warm.versions.as_ref().unwrap(),
             key.public_key(),
@@ -602,7 +593,7 @@ mod tests {
             names: false,
             v1_index: true,
         };
-        let g = global_files("acme", &[], only_list, &key, &mut GlobalCache::default()).unwrap();
+        let g = cold(&[], only_list, &key);
         assert!(g.names.is_none() && g.versions.is_none());
         assert_eq!(g.v1_index.unwrap(), b"{\"packages\":[]}\n");
     }

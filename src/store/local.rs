@@ -600,6 +600,16 @@ mod tests {
         TreePath::new(s).unwrap()
     }
 
+    /// Temp files anywhere under `dir`.
+    fn temp_files(dir: &Path) -> usize {
+        walkdir::WalkDir::new(dir)
+            .min_depth(1)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+            .count()
+    }
+
     #[test]
     fn tree_paths_stay_inside_the_tree() {
         for ok in [
@@ -686,13 +696,7 @@ mod tests {
             assert_eq!(store.get(&p(&format!("m{n}/link"))).unwrap().unwrap(), b"2");
         }
         // No temp files are left behind.
-        let leftovers = walkdir::WalkDir::new(dir.path())
-            .min_depth(1)
-            .into_iter()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
-            .count();
-        assert_eq!(leftovers, 0);
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[test]
@@ -763,12 +767,7 @@ mod tests {
         // The second change's index was written to a temp file before the
         // create failed; it never became visible and was cleaned up.
         assert_eq!(store.get(&p("packages/x")).unwrap().unwrap(), b"first");
-        let leftovers = walkdir::WalkDir::new(dir.path().join("tree"))
-            .into_iter()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
-            .count();
-        assert_eq!(leftovers, 0);
+        assert_eq!(temp_files(&dir.path().join("tree")), 0);
     }
 
     #[test]
