@@ -531,6 +531,10 @@ impl Publisher {
     /// Writes a prepared change to the tree, after every change prepared
     /// before it.
     pub fn commit(&self, mut prepared: Prepared) -> Result<(), PublishError> {
+        // The new bytes are written and synced before the turn comes: they
+        // stay invisible until published, so this overlaps the change
+        // before, which is still being published.
+        let staged = self.store.stage(&prepared.stages);
         let broken = {
             let mut q = self.queue.lock();
             while q.done < prepared.seq {
@@ -541,12 +545,10 @@ impl Publisher {
                 .filter(|(epoch, _)| *epoch == prepared.epoch)
                 .map(|(_, e)| e.clone())
         };
-        let result = match broken {
-            Some(e) => Err(PublishError::Aborted(e)),
-            None => self
-                .store
-                .apply(&prepared.stages)
-                .map_err(PublishError::from),
+        let result = match (broken, staged) {
+            (Some(e), _) => Err(PublishError::Aborted(e)),
+            (None, Err(e)) => Err(e.into()),
+            (None, Ok(staged)) => staged.publish().map_err(PublishError::from),
         };
         let error = match &result {
             Ok(()) => None,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::{Op, Store, StoreError, TreePath};
+use super::{Op, Staged, Store, StoreError, TreePath};
 
 /// Directories one stage touches.
 #[derive(Default)]
@@ -118,6 +118,43 @@ impl Source {
             Source::Staged(p) => p,
             Source::Copied(t) => t.as_ref(),
         }
+    }
+}
+
+/// A change of a [`LocalStore`] whose new bytes are durable in temp files.
+struct LocalStaged<'a> {
+    store: &'a LocalStore,
+    prepared: Vec<Vec<(Vec<Step>, StageDirs)>>,
+}
+
+impl Staged for LocalStaged<'_> {
+    fn publish(self: Box<Self>) -> Result<(), StoreError> {
+        let store = self.store;
+        // Renames of the previous stage, whose directories still need a sync.
+        let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut replaced = Vec::new();
+        for chunks in self.prepared {
+            store.sync_all(pending.iter().map(PathBuf::as_path))?;
+            let finished: Vec<(BTreeSet<PathBuf>, Vec<File>)> = if chunks.len() > 1 {
+                chunks
+                    .into_par_iter()
+                    .map(|(steps, dirs)| store.finish_steps(steps, dirs))
+                    .collect::<Result<_, _>>()?
+            } else {
+                chunks
+                    .into_iter()
+                    .map(|(steps, dirs)| store.finish_steps(steps, dirs))
+                    .collect::<Result<_, _>>()?
+            };
+            pending = BTreeSet::new();
+            for (dirs, files) in finished {
+                pending.extend(dirs);
+                replaced.extend(files);
+            }
+        }
+        store.sync_all(pending.iter().map(PathBuf::as_path))?;
+        release(replaced);
+        Ok(())
     }
 }
 
@@ -321,6 +358,20 @@ impl LocalStore {
             .map_err(|e| io_err("rename into", full)(e.error))
     }
 
+    /// Creates `full`'s directory again if a change published after this
+    /// one was staged removed it (a deleted release prunes the directories
+    /// it leaves empty, and a directory staged for a link holds nothing
+    /// yet). Returns whether it did.
+    fn restore_parent(&self, full: &Path, dirs: &mut StageDirs) -> Result<bool, StoreError> {
+        let parent = full.parent().unwrap_or(&self.root);
+        if parent.is_dir() {
+            return Ok(false);
+        }
+        dirs.known.remove(parent);
+        self.ensure_parent(full, dirs)?;
+        Ok(true)
+    }
+
     /// Makes prepared steps visible, in order; returns the directories to
     /// sync.
     fn finish_steps(
@@ -348,7 +399,12 @@ impl LocalStore {
                     }
                 }
                 Step::Link { src, full, new_dir } => {
-                    self.link(&src, &full, new_dir)?;
+                    if let Err(e) = self.link(&src, &full, new_dir) {
+                        if !self.restore_parent(&full, &mut dirs)? {
+                            return Err(e);
+                        }
+                        self.link(&src, &full, true)?;
+                    }
                     if let Some(parent) = full.parent() {
                         dirs.sync.insert(parent.to_path_buf());
                     }
@@ -363,7 +419,13 @@ impl LocalStore {
                 }
                 Step::Create { src, full } => {
                     // link(2) fails with EEXIST if the target exists.
-                    match fs::hard_link(src.path(), &full) {
+                    let mut linked = fs::hard_link(src.path(), &full);
+                    if matches!(&linked, Err(e) if e.kind() == io::ErrorKind::NotFound)
+                        && self.restore_parent(&full, &mut dirs)?
+                    {
+                        linked = fs::hard_link(src.path(), &full);
+                    }
+                    match linked {
                         Ok(()) => {}
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                             return Err(StoreError::AlreadyExists {
@@ -427,13 +489,17 @@ impl Store for LocalStore {
     }
 
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError> {
+        self.stage(stages)?.publish()
+    }
+
+    fn stage<'a>(&'a self, stages: &'a [Vec<Op>]) -> Result<Box<dyn Staged + 'a>, StoreError> {
         // Every stage's new bytes go to temp files first, and one round of
         // syncs makes all of them durable: temp files are invisible, so
-        // only the renames need the stage order. Then each stage's renames
-        // are made, and its directories synced before the next stage's.
-        // A change costs one data round and one directory round per stage,
-        // instead of a data round per stage; a failure while writing data
-        // leaves nothing visible.
+        // only the renames need the stage order (and a caller may stage
+        // the next change while this one is being published). A change
+        // costs one data round and one directory round per stage, instead
+        // of a data round per stage; a failure while writing data leaves
+        // nothing visible.
         let prepared: Vec<Vec<(Vec<Step>, StageDirs)>> = stages
             .iter()
             .filter(|stage| !stage.is_empty())
@@ -445,31 +511,10 @@ impl Store for LocalStore {
                 .flatten()
                 .flat_map(|(steps, _)| steps.iter().filter_map(Step::new_bytes)),
         )?;
-        // Renames of the previous stage, whose directories still need a sync.
-        let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut replaced = Vec::new();
-        for chunks in prepared {
-            self.sync_all(pending.iter().map(PathBuf::as_path))?;
-            let finished: Vec<(BTreeSet<PathBuf>, Vec<File>)> = if chunks.len() > 1 {
-                chunks
-                    .into_par_iter()
-                    .map(|(steps, dirs)| self.finish_steps(steps, dirs))
-                    .collect::<Result<_, _>>()?
-            } else {
-                chunks
-                    .into_iter()
-                    .map(|(steps, dirs)| self.finish_steps(steps, dirs))
-                    .collect::<Result<_, _>>()?
-            };
-            pending = BTreeSet::new();
-            for (dirs, files) in finished {
-                pending.extend(dirs);
-                replaced.extend(files);
-            }
-        }
-        self.sync_all(pending.iter().map(PathBuf::as_path))?;
-        release(replaced);
-        Ok(())
+        Ok(Box::new(LocalStaged {
+            store: self,
+            prepared,
+        }))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<TreePath>, StoreError> {
@@ -835,5 +880,102 @@ mod tests {
             store.get(&p("tarballs/x-1.0.0.tar")).unwrap().unwrap(),
             b"archive"
         );
+    }
+
+    #[test]
+    fn a_staged_change_is_invisible_until_published_and_dropping_it_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store
+            .apply(&[vec![Op::Put {
+                path: p("a/old"),
+                bytes: b"old".to_vec(),
+            }]])
+            .unwrap();
+        let change = [
+            vec![Op::Put {
+                path: p("a/new"),
+                bytes: b"new".to_vec(),
+            }],
+            vec![
+                Op::Put {
+                    path: p("a/old"),
+                    bytes: b"replaced".to_vec(),
+                },
+                Op::Link {
+                    from: p("a/new"),
+                    to: p("b/link"),
+                },
+            ],
+        ];
+        let staged = store.stage(&change).unwrap();
+        // The bytes are written, but no reader sees them yet.
+        assert_eq!(store.list("").unwrap(), vec![p("a/old")]);
+        assert_eq!(store.get(&p("a/old")).unwrap().unwrap(), b"old");
+        assert!(temp_files(dir.path()) > 0);
+        drop(staged);
+        assert_eq!(store.list("").unwrap(), vec![p("a/old")]);
+        assert_eq!(
+            temp_files(dir.path()),
+            0,
+            "a dropped change left temp files"
+        );
+
+        store.stage(&change).unwrap().publish().unwrap();
+        assert_eq!(store.get(&p("a/old")).unwrap().unwrap(), b"replaced");
+        assert_eq!(store.get(&p("b/link")).unwrap().unwrap(), b"new");
+        assert_eq!(temp_files(dir.path()), 0);
+    }
+
+    #[test]
+    fn a_change_staged_before_an_earlier_one_prunes_its_directories_still_lands() {
+        // The server stages change k+1 while change k is published. If k
+        // deletes the last file of a directory that k+1 links or creates
+        // into, k prunes that directory after k+1 saw it: publishing k+1
+        // must make it again rather than fail.
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store
+            .apply(&[vec![
+                Op::Put {
+                    path: p("archives/x-1"),
+                    bytes: b"one".to_vec(),
+                },
+                Op::Link {
+                    from: p("archives/x-1"),
+                    to: p("v1/x/latest/any"),
+                },
+            ]])
+            .unwrap();
+        let staging = tempfile::tempdir().unwrap();
+        let upload = staging.path().join("upload");
+        fs::write(&upload, b"two").unwrap();
+        let later = [
+            vec![Op::Create {
+                path: p("archives/x-2"),
+                staged: upload,
+            }],
+            vec![Op::Link {
+                from: p("archives/x-2"),
+                to: p("v1/x/latest/any"),
+            }],
+        ];
+        let staged = store.stage(&later).unwrap();
+        // The earlier change: x-1 is deleted, and with it every directory.
+        store
+            .apply(&[vec![
+                Op::Remove {
+                    path: p("v1/x/latest/any"),
+                },
+                Op::Remove {
+                    path: p("archives/x-1"),
+                },
+            ]])
+            .unwrap();
+        assert!(!dir.path().join("v1").exists() && !dir.path().join("archives").exists());
+        staged.publish().unwrap();
+        assert_eq!(store.get(&p("archives/x-2")).unwrap().unwrap(), b"two");
+        assert_eq!(store.get(&p("v1/x/latest/any")).unwrap().unwrap(), b"two");
+        assert_eq!(temp_files(dir.path()), 0);
     }
 }

@@ -107,6 +107,18 @@ pub enum StoreError {
     },
 }
 
+/// A change staged by [`Store::stage`], not yet visible.
+pub trait Staged: Send {
+    /// Makes the change visible, stage by stage, as [`Store::apply`] does.
+    fn publish(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+impl<F: FnOnce() -> Result<(), StoreError> + Send> Staged for F {
+    fn publish(self: Box<Self>) -> Result<(), StoreError> {
+        (*self)()
+    }
+}
+
 /// A place that holds the served tree.
 ///
 /// Every write is atomic per file (readers see the old bytes or the new ones),
@@ -130,6 +142,17 @@ pub trait Store: Send + Sync {
     /// stages stay applied (each is complete and consistent on its own),
     /// later ones never become visible.
     fn apply(&self, stages: &[Vec<Op>]) -> Result<(), StoreError>;
+
+    /// The first half of [`Store::apply`]: makes the new bytes of `stages`
+    /// durable where no reader sees them, and returns what makes them
+    /// visible. Staging may run while another change is being published;
+    /// the publishes keep the order the caller gives them. Dropping the
+    /// result instead of publishing it leaves the tree as it was. A store
+    /// that cannot stage ahead does all of the work in `publish` (the
+    /// default).
+    fn stage<'a>(&'a self, stages: &'a [Vec<Op>]) -> Result<Box<dyn Staged + 'a>, StoreError> {
+        Ok(Box::new(move || self.apply(stages)))
+    }
 
     /// Every file under `prefix` (a directory path; `""` for the whole tree),
     /// sorted. Temp files are never listed.
