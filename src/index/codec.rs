@@ -92,29 +92,52 @@ fn gzip_with(bytes: &[u8], level: Compression) -> Vec<u8> {
         return enc.finish().expect("write to Vec");
     }
     // A large index (`versions` of thousands of packages) is deflated in
-    // chunks on every core, as pigz does: each chunk but the last ends with
-    // a full flush (byte-aligned, no back-references across it), so the
-    // chunks concatenate into one ordinary deflate stream, and their CRCs
-    // combine into the stream's.
-    let parts: Vec<(Vec<u8>, crc32fast::Hasher)> = bytes
+    // chunks on every core, as pigz does.
+    let parts: Vec<Piece> = bytes
         .par_chunks(GZIP_CHUNK)
         .enumerate()
-        .map(|(i, chunk)| {
-            let last = (i + 1) * GZIP_CHUNK >= bytes.len();
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(chunk);
-            (deflate_chunk(chunk, level, last), crc)
-        })
+        .map(|(i, chunk)| Piece::deflate(chunk, level, (i + 1) * GZIP_CHUNK >= bytes.len()))
         .collect();
-    let mut out = Vec::with_capacity(parts.iter().map(|(p, _)| p.len()).sum::<usize>() + 18);
+    assemble(&parts)
+}
+
+/// Raw deflate of part of a stream, with the CRC and length of its input.
+/// Every piece but the last ends with a full flush (byte-aligned, no
+/// back-references across it), so pieces deflated apart concatenate into
+/// one ordinary deflate stream, and their CRCs combine into the stream's.
+struct Piece {
+    deflated: Vec<u8>,
+    crc: crc32fast::Hasher,
+    len: usize,
+}
+
+impl Piece {
+    fn deflate(raw: &[u8], level: Compression, last: bool) -> Self {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(raw);
+        Piece {
+            deflated: deflate_chunk(raw, level, last),
+            crc,
+            len: raw.len(),
+        }
+    }
+}
+
+/// One gzip stream of `pieces`, in order; the last must end the stream.
+fn assemble<'a>(pieces: impl IntoIterator<Item = &'a Piece> + Clone) -> Vec<u8> {
+    let size: usize = pieces.clone().into_iter().map(|p| p.deflated.len()).sum();
+    let mut out = Vec::with_capacity(size + 18);
     out.extend_from_slice(&GZIP_HEADER);
     let mut crc = crc32fast::Hasher::new();
-    for (part, c) in parts {
-        out.extend_from_slice(&part);
-        crc.combine(&c);
+    let mut len = 0usize;
+    for p in pieces {
+        out.extend_from_slice(&p.deflated);
+        crc.combine(&p.crc);
+        len += p.len;
     }
     out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    // ISIZE is the length modulo 2^32.
+    out.extend_from_slice(&(len as u32).to_le_bytes());
     out
 }
 
@@ -161,8 +184,7 @@ pub struct SegmentCache {
 
 struct Segment {
     raw: Vec<u8>,
-    deflated: Vec<u8>,
-    crc: crc32fast::Hasher,
+    piece: Piece,
 }
 
 /// The bytes a cached group is found by: its start (its first package's
@@ -172,24 +194,11 @@ fn segment_key(raw: &[u8]) -> Vec<u8> {
     raw[..raw.len().min(48)].to_vec()
 }
 
-impl Segment {
-    fn deflate(raw: &[u8], level: Compression) -> Self {
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(raw);
-        Segment {
-            raw: raw.to_vec(),
-            deflated: deflate_chunk(raw, level, false),
-            crc,
-        }
-    }
-}
-
 /// Signs `payload` and gzips `Signed{payload, signature}` in pieces: the
 /// message head, each group `payload[cuts[i-1]..cuts[i]]`, and the rest of
-/// the payload with the signature. Every piece but the last ends with a
-/// full flush, so the pieces concatenate into one ordinary deflate stream
-/// (as in the parallel path of [`gzip`]), and a group deflates the same
-/// wherever it sits: the groups found unchanged in `cache` are reused, the
+/// the payload with the signature, each a [`Piece`], as in the parallel
+/// path of [`gzip`]. A group deflates the same wherever it sits: the
+/// groups found unchanged in `cache` are reused, the
 /// others deflated on every core. Callers cut between packages at points
 /// that depend on the package names only, so a publish changes one group.
 pub fn encode_segmented(
@@ -230,29 +239,24 @@ pub fn encode_segmented(
     let segments: Vec<Segment> = found
         .into_par_iter()
         .zip(ranges.par_iter())
-        .map(|(hit, r)| hit.unwrap_or_else(|| Segment::deflate(&payload[r.clone()], level)))
+        .map(|(hit, r)| {
+            hit.unwrap_or_else(|| {
+                let raw = &payload[r.clone()];
+                Segment {
+                    raw: raw.to_vec(),
+                    piece: Piece::deflate(raw, level, false),
+                }
+            })
+        })
         .collect();
 
-    let head_deflated = deflate_chunk(&head, level, false);
-    let tail_deflated = deflate_chunk(&tail, level, true);
-    let body: usize = segments.iter().map(|s| s.deflated.len()).sum();
-    let mut out = Vec::with_capacity(head_deflated.len() + body + tail_deflated.len() + 18);
-    out.extend_from_slice(&GZIP_HEADER);
-    out.extend_from_slice(&head_deflated);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&head);
-    for s in &segments {
-        out.extend_from_slice(&s.deflated);
-        crc.combine(&s.crc);
-    }
-    out.extend_from_slice(&tail_deflated);
-    let mut tail_crc = crc32fast::Hasher::new();
-    tail_crc.update(&tail);
-    crc.combine(&tail_crc);
-    // The Signed message's length: head, groups (payload[..start]), tail.
-    let total = head.len() + start + tail.len();
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(&(total as u32).to_le_bytes());
+    let head = Piece::deflate(&head, level, false);
+    let tail = Piece::deflate(&tail, level, true);
+    let out = assemble(
+        std::iter::once(&head)
+            .chain(segments.iter().map(|s| &s.piece))
+            .chain(std::iter::once(&tail)),
+    );
     cache.groups = segments
         .into_iter()
         .map(|s| (segment_key(&s.raw), s))
@@ -391,13 +395,16 @@ mod tests {
         let mut changed = payload.clone();
         let at = cuts[40] + 5;
         changed[at] ^= 1;
-        let before: std::collections::HashSet<*const u8> =
-            cache.groups.values().map(|s| s.deflated.as_ptr()).collect();
+        let before: std::collections::HashSet<*const u8> = cache
+            .groups
+            .values()
+            .map(|s| s.piece.deflated.as_ptr())
+            .collect();
         let incremental = encode_segmented(changed.clone(), &cuts, key(), &mut cache).unwrap();
         let redone = cache
             .groups
             .values()
-            .filter(|s| !before.contains(&s.deflated.as_ptr()))
+            .filter(|s| !before.contains(&s.piece.deflated.as_ptr()))
             .count();
         assert_eq!(redone, 1, "only the changed group is deflated again");
         let cold =
