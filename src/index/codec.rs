@@ -197,10 +197,10 @@ fn segment_key(raw: &[u8]) -> Vec<u8> {
 /// Signs `payload` and gzips `Signed{payload, signature}` in pieces: the
 /// message head, each group `payload[cuts[i-1]..cuts[i]]`, and the rest of
 /// the payload with the signature, each a [`Piece`], as in the parallel
-/// path of [`gzip`]. A group deflates the same wherever it sits: the
-/// groups found unchanged in `cache` are reused, the
-/// others deflated on every core. Callers cut between packages at points
-/// that depend on the package names only, so a publish changes one group.
+/// path of [`gzip`]. A group deflates the same wherever it sits: the groups
+/// found unchanged in `cache` are reused, the others deflated on every
+/// core. Callers cut between packages at points that depend on the package
+/// names only, so a publish changes one group.
 pub fn encode_segmented(
     payload: Vec<u8>,
     cuts: &[usize],

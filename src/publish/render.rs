@@ -297,15 +297,22 @@ impl RowGroup {
             names: Vec::with_capacity(rows.iter().map(|r| r.names.len()).sum()),
             json: Vec::with_capacity(rows.iter().map(|r| r.json.len() + 1).sum()),
         };
-        for (i, r) in rows.iter().enumerate() {
+        for r in rows {
             g.versions.extend_from_slice(&r.versions);
             g.names.extend_from_slice(&r.names);
-            if i > 0 {
-                g.json.push(b',');
-            }
-            g.json.extend_from_slice(&r.json);
         }
+        push_joined(&mut g.json, rows.iter().map(|r| r.json.as_slice()));
         g
+    }
+}
+
+/// Appends `items` to `out`, separated by commas (JSON array elements).
+fn push_joined<'a>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'a [u8]>) {
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
     }
 }
 
@@ -378,12 +385,7 @@ pub fn global_files(
             let len = groups.iter().map(|g| g.json.len() + 1).sum::<usize>();
             let mut list = Vec::with_capacity(len + 16);
             list.extend_from_slice(b"{\"packages\":[");
-            for (i, g) in groups.iter().enumerate() {
-                if i > 0 {
-                    list.push(b',');
-                }
-                list.extend_from_slice(&g.json);
-            }
+            push_joined(&mut list, groups.iter().map(|g| g.json.as_slice()));
             list.extend_from_slice(b"]}\n");
             list
         })
