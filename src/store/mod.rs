@@ -6,6 +6,7 @@
 //! next, behind the same trait. Paths are [`TreePath`]s, checked once so no
 //! write can leave the tree.
 
+mod durable;
 mod local;
 
 pub(crate) use local::same_inode;
@@ -78,6 +79,8 @@ pub enum Op {
     /// Create `path` (an immutable archive) from a staged local file,
     /// failing with [`StoreError::AlreadyExists`] if `path` exists: an
     /// atomic create, so two racing uploads of one file cannot both win.
+    /// Only for files no index names yet: a store may make it visible as
+    /// soon as the change is staged (see [`Store::stage`]).
     Create {
         path: TreePath,
         staged: std::path::PathBuf,
@@ -145,10 +148,13 @@ pub trait Store: Send + Sync {
 
     /// The first half of [`Store::apply`]: makes the new bytes of `stages`
     /// durable where no reader sees them, and returns what makes them
-    /// visible. Staging may run while another change is being published;
-    /// the publishes keep the order the caller gives them. Dropping the
-    /// result instead of publishing it leaves the tree as it was. A store
-    /// that cannot stage ahead does all of the work in `publish` (the
+    /// visible. The one exception is an [`Op::Create`]: a store may create
+    /// the archive under its final name while staging, since no index
+    /// names it before a later stage is published. Staging may run while
+    /// another change is being published; the publishes keep the order the
+    /// caller gives them. Dropping the result instead of publishing it
+    /// leaves the tree as it was (archives created early are removed). A
+    /// store that cannot stage ahead does all of the work in `publish` (the
     /// default).
     fn stage<'a>(&'a self, stages: &'a [Vec<Op>]) -> Result<Box<dyn Staged + 'a>, StoreError> {
         Ok(Box::new(move || self.apply(stages)))
