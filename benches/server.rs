@@ -69,6 +69,9 @@ usage: cargo bench --bench server -- [options]
   --niso PATH           run this niso binary instead of building one
   --out PATH            report file (default: target/bench-server.md)
   --keep                keep the generated trees
+  --server-log FILTER   the server's log filter for the upload runs (default
+                        info; e.g. niso=debug adds each batch's commit timings)
+  --server-log-file P   also append every line the servers log to P
 ";
 
 struct Config {
@@ -88,6 +91,8 @@ struct Config {
     niso: Option<PathBuf>,
     out: PathBuf,
     keep: bool,
+    server_log: String,
+    server_log_file: Option<PathBuf>,
     /// The arguments as given, for the report.
     args: Vec<String>,
 }
@@ -117,6 +122,8 @@ fn parse_args() -> Result<Config> {
         niso: None,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-server.md"),
         keep: false,
+        server_log: "info".into(),
+        server_log_file: None,
         args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -150,6 +157,8 @@ fn parse_args() -> Result<Config> {
             "--niso" => cfg.niso = Some(value("--niso")?.into()),
             "--out" => cfg.out = value("--out")?.into(),
             "--keep" => cfg.keep = true,
+            "--server-log" => cfg.server_log = value("--server-log")?,
+            "--server-log-file" => cfg.server_log_file = Some(value("--server-log-file")?.into()),
             "-h" | "--help" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -275,7 +284,23 @@ struct Server {
 }
 
 impl Server {
-    fn start(niso: &Path, data_dir: &Path, extra: &[&str], log: &str) -> Result<Self> {
+    fn start(
+        niso: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        log: &str,
+        log_file: Option<&Path>,
+    ) -> Result<Self> {
+        let mut log_file = match log_file {
+            Some(p) => Some(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| format!("cannot open {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
         let mut child = Command::new(niso)
             .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -302,6 +327,9 @@ impl Server {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
                     let line = strip_ansi(&line);
+                    if let Some(f) = log_file.as_mut() {
+                        let _ = writeln!(f, "{line}");
+                    }
                     if let Some(a) = line.strip_prefix("Listening at http://") {
                         if let Some(tx) = tx.take() {
                             let _ = tx.send(a.trim().to_string());
@@ -458,6 +486,17 @@ fn cpu_time(pid: u32) -> Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
+/// CPU time (user + system) of this process, the clients' side.
+fn own_cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 // ---------------------------------------------------------------------------
 // Archives.
 
@@ -526,9 +565,135 @@ fn http_client(timeout: Option<Duration>) -> Result<reqwest::blocking::Client> {
         .build()?)
 }
 
+/// A keep-alive HTTP/1.1 connection that only makes uploads: the request is
+/// written in one go and the response read by its `Content-Length`. The
+/// upload runs measure the server, and the clients share its two CPUs; a
+/// reqwest blocking client per thread (its own runtime thread, channels
+/// between them) took 15 % of the machine at 620 uploads/s.
+struct UploadConn {
+    addr: String,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl UploadConn {
+    fn new(server: &Server) -> Self {
+        Self {
+            addr: server.addr.clone(),
+            stream: None,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// POSTs `body` to `path`; returns the status and the response body.
+    fn post(&mut self, path: &str, body: &[u8], timeout: Duration) -> Result<(u16, Vec<u8>)> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {ADMIN_KEY}\r\n\
+             content-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        // One reconnect: the server may have closed an idle connection.
+        for attempt in 0..2 {
+            let stream = match self.stream.take() {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect(&self.addr)?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(timeout))?;
+                    s
+                }
+            };
+            match self.exchange(&stream, head.as_bytes(), body) {
+                Ok((status, body, keep)) => {
+                    if keep {
+                        self.stream = Some(stream);
+                    }
+                    return Ok((status, body));
+                }
+                Err(e) if attempt == 0 => {
+                    let _ = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err("unreachable".into())
+    }
+
+    fn exchange(
+        &mut self,
+        mut stream: &TcpStream,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>, bool)> {
+        stream.write_all(head)?;
+        stream.write_all(body)?;
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err("response head over 64 KiB".into());
+            }
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err("connection closed before the response".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = std::str::from_utf8(&self.buf[..end])?.to_ascii_lowercase();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("no status in the response")?;
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or("no content-length in the response")?;
+        let keep = !head.lines().any(|l| l.starts_with("connection: close"));
+        let mut resp = self.buf[end..].to_vec();
+        while resp.len() < len {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err("connection closed inside the response body".into());
+            }
+            resp.extend_from_slice(&chunk[..n]);
+        }
+        resp.truncate(len);
+        Ok((status, resp, keep))
+    }
+}
+
 /// Uploads `body` as NAME VERSION; returns the round trip (request sent to
 /// whole response read).
 fn upload(
+    conn: &mut UploadConn,
+    name: &str,
+    version: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Duration> {
+    let path = format!("/v1/packages/{name}/{version}/{ARCH}");
+    let t = Instant::now();
+    let (status, text) = conn.post(&path, body, timeout)?;
+    let elapsed = t.elapsed();
+    if status != 201 {
+        return Err(format!(
+            "POST {path}: {status}: {}",
+            String::from_utf8_lossy(&text).trim()
+        )
+        .into());
+    }
+    Ok(elapsed)
+}
+
+/// Uploads `body` as NAME VERSION with reqwest (the big upload streams its
+/// body from a file); returns the round trip.
+fn upload_streamed(
     client: &reqwest::blocking::Client,
     server: &Server,
     name: &str,
@@ -633,7 +798,7 @@ struct Sequential {
 /// K uploads, one after the other, of release 1.V.0 of packages spread over
 /// the whole name range.
 fn sequential(cfg: &Config, server: &Server, tree: &Tree) -> Result<Sequential> {
-    let client = http_client(Some(Duration::from_secs(60)))?;
+    let mut conn = UploadConn::new(server);
     let version = format!("1.{}.0", cfg.versions);
     let bodies: Vec<(String, Vec<u8>)> = (0..cfg.uploads)
         .map(|k| {
@@ -651,7 +816,7 @@ fn sequential(cfg: &Config, server: &Server, tree: &Tree) -> Result<Sequential> 
         if Instant::now() > deadline {
             return Err(format!("sequential uploads took more than {} s", cfg.max_seconds).into());
         }
-        let rtt = upload(&client, server, &name, &version, body)?;
+        let rtt = upload(&mut conn, &name, &version, &body, Duration::from_secs(60))?;
         client_ms.push(rtt.as_secs_f64() * 1e3);
     }
     let cpu = cpu_time(server.pid())? - cpu0;
@@ -692,6 +857,7 @@ struct Throughput {
     wall: Duration,
     latency_ms: Vec<f64>,
     cpu_ms_per_upload: f64,
+    client_cpu_ms_per_upload: f64,
     timed_out: bool,
 }
 
@@ -723,23 +889,15 @@ fn throughput(
     let timed_out = AtomicBool::new(false);
     let failures = Mutex::new((0usize, None::<String>));
     let cpu0 = cpu_time(server.pid())?;
+    let own0 = own_cpu_time();
     let (latencies, wall) = std::thread::scope(|s| -> Result<(Vec<f64>, Duration)> {
         let handles: Vec<_> = (0..clients)
             .map(|_| {
                 s.spawn(|| -> Vec<f64> {
-                    let client = http_client(Some(Duration::from_secs(120)));
+                    let mut conn = UploadConn::new(server);
                     barrier.wait();
                     let start = Instant::now();
                     let mut lat = Vec::new();
-                    let client = match client {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let mut f = lock(&failures);
-                            f.0 += 1;
-                            f.1.get_or_insert_with(|| e.to_string());
-                            return lat;
-                        }
-                    };
                     loop {
                         if start.elapsed() > limit {
                             timed_out.store(true, Ordering::Relaxed);
@@ -752,7 +910,7 @@ fn throughput(
                         let Some((name, version, body)) = lock(&jobs)[j].take() else {
                             break;
                         };
-                        match upload(&client, server, &name, &version, body) {
+                        match upload(&mut conn, &name, &version, &body, Duration::from_secs(120)) {
                             Ok(d) => lat.push(d.as_secs_f64() * 1e3),
                             Err(e) => {
                                 let mut f = lock(&failures);
@@ -774,6 +932,7 @@ fn throughput(
         Ok((all, start.elapsed()))
     })?;
     let cpu = cpu_time(server.pid())? - cpu0;
+    let own = own_cpu_time().saturating_sub(own0);
     let (failed, first_error) = failures.into_inner().unwrap_or_else(|e| e.into_inner());
     let attempted = next.load(Ordering::Relaxed).min(total);
     let ok = latencies.len();
@@ -785,6 +944,7 @@ fn throughput(
         first_error,
         wall,
         cpu_ms_per_upload: cpu.as_secs_f64() * 1e3 / ok.max(1) as f64,
+        client_cpu_ms_per_upload: own.as_secs_f64() * 1e3 / ok.max(1) as f64,
         latency_ms: latencies,
         timed_out: timed_out.load(Ordering::Relaxed),
     };
@@ -912,7 +1072,13 @@ fn measure_big(
     generate: Duration,
 ) -> Result<BigUpload> {
     let max_upload = ((cfg.big_mib << 20) * 2).max(2 << 30).to_string();
-    let server = Server::start(niso, &tree.root, &["--max-upload", &max_upload], "warn")?;
+    let server = Server::start(
+        niso,
+        &tree.root,
+        &["--max-upload", &max_upload],
+        "warn",
+        cfg.server_log_file.as_deref(),
+    )?;
     let pid = server.pid();
     // Let the runtime settle, then read the baseline.
     std::thread::sleep(Duration::from_millis(500));
@@ -932,7 +1098,7 @@ fn measure_big(
     };
     let client = http_client(Some(Duration::from_secs(1800)))?;
     eprintln!("   uploading {bytes} bytes");
-    let uploaded = upload(
+    let uploaded = upload_streamed(
         &client,
         &server,
         "big-upload",
@@ -1188,7 +1354,13 @@ fn static_compare(cfg: &Config, niso: &Path, tree: &Tree) -> Result<StaticResult
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(parent, fs::Permissions::from_mode(0o755))?;
     }
-    let server = Server::start(niso, &tree.root, &["--read-only"], "warn")?;
+    let server = Server::start(
+        niso,
+        &tree.root,
+        &["--read-only"],
+        "warn",
+        cfg.server_log_file.as_deref(),
+    )?;
     let nginx = Nginx::start(&public, &work)?;
     let client = http_client(Some(Duration::from_secs(30)))?;
     let paths = [
@@ -1509,7 +1681,7 @@ fn report(cfg: &Config, r: &Results) -> String {
     }
     let _ = writeln!(
         md,
-        "\nSequential uploads: `niso registry serve --rate-limit-key 0 --rate-limit-ip 0` (log level info, its default), one reqwest client on one keep-alive connection, each upload a new release of an existing package spread over the name range. Client = request sent to response read; server = the `ms` the server logs for the request (handler and middleware, body included). Server CPU = its user+system time over the run / uploads.\n"
+        "\nSequential uploads: `niso registry serve --rate-limit-key 0 --rate-limit-ip 0` (log level info, its default), one keep-alive connection (the throughput runs' minimal HTTP/1.1 client), each upload a new release of an existing package spread over the name range. Client = request sent to response read; server = the `ms` the server logs for the request (handler and middleware, body included). Server CPU = its user+system time over the run / uploads.\n"
     );
     let _ = writeln!(
         md,
@@ -1544,14 +1716,17 @@ fn report(cfg: &Config, r: &Results) -> String {
     if !r.throughput.is_empty() {
         let _ = writeln!(
             md,
-            "\nThroughput: C threads, each with its own blocking reqwest client, take the next of {} prepared uploads (distinct package/version pairs, {} KiB random payload) until none is left or {} s pass. uploads/s = successful uploads / wall time from the start barrier to the last thread's end.\n",
+            "\nThroughput: C threads, each with its own keep-alive connection (a minimal HTTP/1.1 client: the request written in one go, the response read by its length), take the next of {} prepared uploads (distinct package/version pairs, {} KiB random payload) until none is left or {} s pass. uploads/s = successful uploads / wall time from the start barrier to the last thread's end.\n",
             cfg.total, cfg.archive_kib, cfg.max_seconds
         );
         let _ = writeln!(
             md,
-            "| N | clients | attempted | ok | failed | wall s | uploads/s | latency p50 / p90 / p99 / max ms | server CPU ms per upload | note |"
+            "| N | clients | attempted | ok | failed | wall s | uploads/s | latency p50 / p90 / p99 / max ms | server CPU ms per upload | clients' CPU ms per upload | note |"
         );
-        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(
+            md,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
         for (n, t) in &r.throughput {
             let mut note = String::new();
             if t.timed_out {
@@ -1565,7 +1740,7 @@ fn report(cfg: &Config, r: &Results) -> String {
             }
             let _ = writeln!(
                 md,
-                "| {n} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} / {:.1} / {:.1} / {:.1} | {:.2} | {} |",
+                "| {n} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} / {:.1} / {:.1} / {:.1} | {:.2} | {:.2} | {} |",
                 t.clients,
                 t.attempted,
                 t.ok,
@@ -1577,6 +1752,7 @@ fn report(cfg: &Config, r: &Results) -> String {
                 percentile_or_nan(&t.latency_ms, 99.0),
                 percentile_or_nan(&t.latency_ms, 100.0),
                 t.cpu_ms_per_upload,
+                t.client_cpu_ms_per_upload,
                 if note.is_empty() { "—".into() } else { note }
             );
         }
@@ -1736,7 +1912,13 @@ fn run() -> Result<()> {
         results
             .load
             .push((format!("sequential uploads, N = {n}"), loadavg(1)));
-        let server = Server::start(&niso, &tree.root, &[], "info")?;
+        let server = Server::start(
+            &niso,
+            &tree.root,
+            &[],
+            &cfg.server_log,
+            cfg.server_log_file.as_deref(),
+        )?;
         let seq = sequential(&cfg, &server, &tree);
         let seq = seq.map_err(|e| format!("{e}\n{}", server.tail_text()))?;
         results.sequential.push(seq);
@@ -1748,7 +1930,13 @@ fn run() -> Result<()> {
     if !cfg.clients.is_empty() {
         eprintln!("== throughput on {} packages", small.n);
         results.load.push(("throughput".into(), loadavg(1)));
-        let server = Server::start(&niso, &small.root, &[], "info")?;
+        let server = Server::start(
+            &niso,
+            &small.root,
+            &[],
+            &cfg.server_log,
+            cfg.server_log_file.as_deref(),
+        )?;
         for (run, &c) in cfg.clients.iter().enumerate() {
             let t = throughput(&cfg, &server, small, c, run)?;
             results.throughput.push((small.n, t));

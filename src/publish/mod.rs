@@ -257,6 +257,11 @@ pub struct Publisher {
     global_cache: Mutex<render::GlobalCache>,
 }
 
+/// Milliseconds, for timings in logs.
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 1e2
+}
+
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -534,7 +539,9 @@ impl Publisher {
         // The new bytes are written and synced before the turn comes: they
         // stay invisible until published, so this overlaps the change
         // before, which is still being published.
+        let started = std::time::Instant::now();
         let staged = self.store.stage(&prepared.stages);
+        let staged_at = started.elapsed();
         let broken = {
             let mut q = self.queue.lock();
             while q.done < prepared.seq {
@@ -545,11 +552,22 @@ impl Publisher {
                 .filter(|(epoch, _)| *epoch == prepared.epoch)
                 .map(|(_, e)| e.clone())
         };
+        let turn_at = started.elapsed();
         let result = match (broken, staged) {
             (Some(e), _) => Err(PublishError::Aborted(e)),
             (None, Err(e)) => Err(e.into()),
             (None, Ok(staged)) => staged.publish().map_err(PublishError::from),
         };
+        // Where a commit's time goes: writing and syncing the new bytes,
+        // waiting for the change before it, making it visible.
+        tracing::debug!(
+            seq = prepared.seq,
+            ops = prepared.ops(),
+            stage_ms = ms(staged_at),
+            wait_ms = ms(turn_at - staged_at),
+            publish_ms = ms(started.elapsed() - turn_at),
+            "commit"
+        );
         let error = match &result {
             Ok(()) => None,
             Err(PublishError::Aborted(e)) => Some(e.clone()),
@@ -771,8 +789,22 @@ impl Publisher {
                 &mut self.global_cache(),
             )
         };
-        let (rendered, globals) = rayon::join(render_packages, render_globals);
+        let t0 = std::time::Instant::now();
+        let (rendered, globals) = rayon::join(
+            || {
+                let t = std::time::Instant::now();
+                let r = render_packages();
+                (r, t.elapsed())
+            },
+            || {
+                let t = std::time::Instant::now();
+                let r = render_globals();
+                (r, t.elapsed())
+            },
+        );
+        let ((rendered, t_pkg), (globals, t_glob)) = (rendered, globals);
         let (rendered, globals) = (rendered?, globals?);
+        let t_join = t0.elapsed();
 
         // The bins the changed packages live in, and the top-level list.
         let mut bins: BTreeMap<u8, BTreeMap<String, Digest256>> = BTreeMap::new();
@@ -802,6 +834,15 @@ impl Publisher {
             }
         }
         let global_ops = self.global_ops(state, globals, bin_ops, &mut top)?;
+        // Where preparing a change goes: the packages and the global lists
+        // are rendered and signed side by side, then the freshness record.
+        tracing::debug!(
+            packages_ms = ms(t_pkg),
+            globals_ms = ms(t_glob),
+            join_ms = ms(t_join),
+            total_ms = ms(t0.elapsed()),
+            "prepared"
+        );
 
         let mut package_ops = Vec::new();
         for r in rendered {

@@ -50,6 +50,8 @@ impl Committer {
                 }
                 let (uploads, replies): (Vec<Upload>, Vec<Reply>) = batch.into_iter().unzip();
                 let prep = p.clone();
+                let size = uploads.len();
+                let started = std::time::Instant::now();
                 // Prepared in order, here; written in that order by the
                 // publisher's queue, on another thread.
                 let prepared =
@@ -60,6 +62,11 @@ impl Committer {
                             continue;
                         }
                     };
+                tracing::debug!(
+                    size,
+                    prepare_ms = crate::publish::ms(started.elapsed()),
+                    "batch prepared"
+                );
                 let writer = p.clone();
                 tokio::spawn(async move {
                     let results =
