@@ -128,8 +128,9 @@ pub struct RebuildReport {
 struct State {
     packages: BTreeMap<String, pb::Package>,
     /// Each package's pre-encoded share of `versions`, `names` and the v1
-    /// list, same keys as `packages`.
-    rows: BTreeMap<String, render::Row>,
+    /// list, same keys as `packages`, in the groups the global files are
+    /// made of.
+    rows: render::Rows,
     /// The digest of each `packages/NAME`, by name, in its freshness bin
     /// ([`render::FRESHNESS_BINS`] of them).
     bins: Vec<BTreeMap<String, Digest256>>,
@@ -152,7 +153,7 @@ impl State {
     fn empty() -> Self {
         Self {
             packages: BTreeMap::new(),
-            rows: BTreeMap::new(),
+            rows: render::Rows::default(),
             bins: vec![BTreeMap::new(); render::FRESHNESS_BINS],
             top: BTreeMap::new(),
             dirty_bins: BTreeSet::new(),
@@ -389,6 +390,7 @@ impl Publisher {
         if let Some(b) = self.store.get(&versions_path)? {
             state.top.insert(layout::VERSIONS.into(), Digest256::of(&b));
         }
+        let mut rows = BTreeMap::new();
         for entry in names.packages {
             let name = PackageName::new(&entry.name)?;
             let path = self.layout.package(&name)?;
@@ -398,9 +400,10 @@ impl Publisher {
             let pkg: pb::Package = self.decode(&path, &bytes)?;
             state.bins[usize::from(render::bin_of(&entry.name))]
                 .insert(entry.name.clone(), Digest256::of(&bytes));
-            state.rows.insert(entry.name.clone(), render::row(&pkg));
+            rows.insert(entry.name.clone(), render::row(&pkg));
             state.packages.insert(entry.name, pkg);
         }
+        state.rows = render::Rows::new(rows);
         // The bins as the tree should hold them; any that differ are
         // rewritten by the next change.
         for (bin, digests) in state.bins.iter().enumerate() {
@@ -740,12 +743,12 @@ impl Publisher {
             names: !state.top.contains_key(layout::NAMES),
             v1_index: false,
         };
-        let new_rows: BTreeMap<&str, Option<render::Row>> = changes
+        let new_rows: render::RowChanges = changes
             .iter()
-            .map(|c| (c.name.as_str(), c.new.as_ref().map(render::row)))
+            .map(|c| (c.name.clone(), c.new.as_ref().map(render::row)))
             .collect();
         for (name, row) in &new_rows {
-            match (state.rows.get(*name), row) {
+            match (state.rows.get(name), row) {
                 (Some(old), Some(new)) => {
                     wanted.versions |= old.versions != new.versions;
                     wanted.names |= old.names != new.names;
@@ -757,6 +760,7 @@ impl Publisher {
         }
         // The v1 list is written with the first indexes of a repository.
         wanted.v1_index |= state.top.is_empty();
+        let regrouped = state.rows.regroup(&new_rows);
         // The packages and the global files are signed at the same time.
         let render_packages = || -> Result<Vec<RenderedChange>, PublishError> {
             changes
@@ -768,22 +772,9 @@ impl Publisher {
             if !(wanted.versions || wanted.names || wanted.v1_index) {
                 return Ok(render::GlobalFiles::default());
             }
-            // The unchanged rows between two changed packages are taken by
-            // range, without comparing ten thousand names.
-            use std::ops::Bound;
-            let mut merged = Vec::with_capacity(state.rows.len() + new_rows.len());
-            let mut lower: Bound<&str> = Bound::Unbounded;
-            for (name, row) in &new_rows {
-                let between = (lower, Bound::Excluded(*name));
-                merged.extend(state.rows.range::<str, _>(between).map(|(_, r)| r));
-                merged.extend(row.as_ref());
-                lower = Bound::Excluded(*name);
-            }
-            let rest = (lower, Bound::Unbounded);
-            merged.extend(state.rows.range::<str, _>(rest).map(|(_, r)| r));
             render::global_files(
                 self.repository.as_str(),
-                &merged,
+                &state.rows.groups_with(&regrouped),
                 wanted,
                 self.signer.as_ref(),
                 &mut self.global_cache(),
@@ -851,12 +842,7 @@ impl Publisher {
         }
 
         // Nothing below fails: apply the change to the model.
-        for (name, row) in new_rows {
-            match row {
-                Some(r) => state.rows.insert(name.to_string(), r),
-                None => state.rows.remove(name),
-            };
-        }
+        state.rows.apply(new_rows, regrouped);
         for c in changes {
             match c.new {
                 Some(p) => state.packages.insert(c.name, p),
@@ -1134,14 +1120,15 @@ impl Publisher {
                 candidates.push(op);
             }
         }
-        let rows: BTreeMap<String, render::Row> = packages
-            .iter()
-            .map(|(n, p)| (n.clone(), render::row(p)))
-            .collect();
-        let row_refs: Vec<&render::Row> = rows.values().collect();
+        let rows = render::Rows::new(
+            packages
+                .iter()
+                .map(|(n, p)| (n.clone(), render::row(p)))
+                .collect(),
+        );
         let globals = render::global_files(
             self.repository.as_str(),
-            &row_refs,
+            &rows.groups(),
             render::Wanted::ALL,
             self.signer.as_ref(),
             &mut self.global_cache(),

@@ -2,7 +2,8 @@
 //! bytes of every index and `v1/` document. Incremental publishes and full
 //! rebuilds both come through here, which is why they agree byte for byte.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use sha2::{Digest, Sha256};
 
@@ -185,13 +186,8 @@ pub struct Row {
     pub(super) versions: Vec<u8>,
     pub(super) names: Vec<u8>,
     pub(super) json: Vec<u8>,
-    /// Whether a group of packages ends after this one (see
-    /// [`global_files`]).
+    /// Whether a group of packages ends after this one (see [`Rows`]).
     pub(super) cut: bool,
-    /// Unique to this encoding (copies share it): lets [`GlobalCache`]
-    /// tell that a group holds the same rows as last time without reading
-    /// them.
-    id: u64,
 }
 
 /// One package in this many ends a group: a few hundred packages a group,
@@ -201,8 +197,6 @@ const GROUP_ROWS: u8 = 255;
 /// A group ends after this many packages whatever the names (a run of
 /// unlucky names cannot make one huge group).
 const GROUP_MAX_ROWS: usize = 2048;
-
-static NEXT_ROW_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A package's entry in `versions`: its versions in index order, and the
 /// positions of the retired ones.
@@ -242,7 +236,6 @@ pub fn row(pkg: &pb::Package) -> Row {
         names,
         json,
         cut,
-        id: NEXT_ROW_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -271,19 +264,16 @@ impl Wanted {
     };
 }
 
-/// What the last global files were made of, for the next ones to reuse:
-/// each group's rows concatenated, and the deflated groups of `versions`
-/// and `names` (see [`encode_segmented`]).
+/// The deflated groups of the last `versions` and `names`, for the next
+/// ones to reuse (see [`encode_segmented`]).
 #[derive(Default)]
 pub struct GlobalCache {
     versions: SegmentCache,
     names: SegmentCache,
-    groups: HashMap<u64, RowGroup>,
 }
 
 /// A group of packages' rows, concatenated (JSON entries joined by commas).
-struct RowGroup {
-    ids: Vec<u64>,
+pub struct RowGroup {
     versions: Vec<u8>,
     names: Vec<u8>,
     json: Vec<u8>,
@@ -292,7 +282,6 @@ struct RowGroup {
 impl RowGroup {
     fn new(rows: &[&Row]) -> Self {
         let mut g = RowGroup {
-            ids: rows.iter().map(|r| r.id).collect(),
             versions: Vec::with_capacity(rows.iter().map(|r| r.versions.len()).sum()),
             names: Vec::with_capacity(rows.iter().map(|r| r.names.len()).sum()),
             json: Vec::with_capacity(rows.iter().map(|r| r.json.len() + 1).sum()),
@@ -316,38 +305,186 @@ fn push_joined<'a>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'a [u8]>)
     }
 }
 
-/// The groups of `rows`, in order: from the cache where a group holds the
-/// same rows as last time (copying a group's bytes in one piece is much
-/// cheaper than gathering ten thousand small rows from all over the heap),
-/// built otherwise. The cache keeps the groups returned.
-fn row_groups<'c>(rows: &[&Row], cache: &'c mut HashMap<u64, RowGroup>) -> Vec<&'c RowGroup> {
-    let mut old = std::mem::take(cache);
-    let mut order = Vec::new();
-    let mut start = 0;
-    for (i, r) in rows.iter().enumerate() {
-        if r.cut || i + 1 == rows.len() || i + 1 - start >= GROUP_MAX_ROWS {
-            let group = &rows[start..=i];
-            let first = group[0].id;
-            let reused = old
-                .remove(&first)
-                .filter(|g| g.ids.iter().copied().eq(group.iter().map(|r| r.id)));
-            cache.insert(first, reused.unwrap_or_else(|| RowGroup::new(group)));
-            order.push(first);
-            start = i + 1;
+/// Groups `rows` (in name order): a group ends after a row that cuts, after
+/// [`GROUP_MAX_ROWS`] rows, and at the end. Each group is keyed by the name
+/// of its first row.
+fn group<'a>(rows: impl Iterator<Item = (&'a str, &'a Row)>, out: &mut Vec<(String, RowGroup)>) {
+    let mut first = "";
+    let mut current: Vec<&Row> = Vec::new();
+    for (name, row) in rows {
+        if current.is_empty() {
+            first = name;
+        }
+        current.push(row);
+        if row.cut || current.len() >= GROUP_MAX_ROWS {
+            out.push((first.to_string(), RowGroup::new(&current)));
+            current.clear();
         }
     }
-    order.iter().filter_map(|id| cache.get(id)).collect()
+    if !current.is_empty() {
+        out.push((first.to_string(), RowGroup::new(&current)));
+    }
 }
 
-/// The global files from every package's [`Row`], in name order. The
-/// payloads are byte for byte what encoding the whole `Versions`/`Names`
-/// messages and the `PackageList` document gives (a unit test holds it to
-/// that). `versions` and `names` are signed on two threads, and deflated in
-/// groups of packages cut by name, so that a publish deflates again only
-/// the group it changed.
+/// Every package's [`Row`] by name, gathered into groups (see [`group`]):
+/// the global files are the groups' bytes concatenated, and copying a
+/// group in one piece is much cheaper than gathering ten thousand small
+/// rows from all over the heap.
+///
+/// A change regroups only the rows between the nearest unchanged rows that
+/// cut on either side of it (a few hundred rows): a row that cuts ends a
+/// group however the rows before it changed, so the groups outside that
+/// stretch stay as they are. The groups are therefore always the ones
+/// grouping every row from the start gives ([`Rows::new`]), which keeps a
+/// rebuild and a sequence of publishes byte-identical.
+#[derive(Default)]
+pub struct Rows {
+    rows: BTreeMap<String, Row>,
+    /// By the name of their first row.
+    groups: BTreeMap<String, RowGroup>,
+}
+
+/// Rows to change, by package name: the new row, or `None` to remove it.
+pub type RowChanges = BTreeMap<String, Option<Row>>;
+
+/// The groups a [`RowChanges`] replaces and the ones it makes, worked out
+/// by [`Rows::regroup`] before the change is applied.
+#[derive(Default)]
+pub struct Regrouped {
+    removed: Vec<String>,
+    added: Vec<(String, RowGroup)>,
+}
+
+impl Regrouped {
+    /// How many groups the change builds again.
+    pub fn rebuilt(&self) -> usize {
+        self.added.len()
+    }
+}
+
+impl Rows {
+    pub fn new(rows: BTreeMap<String, Row>) -> Self {
+        let mut groups = Vec::new();
+        group(rows.iter().map(|(n, r)| (n.as_str(), r)), &mut groups);
+        Self {
+            rows,
+            groups: groups.into_iter().collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Row> {
+        self.rows.get(name)
+    }
+
+    /// The groups that `changes` replaces, and the ones it makes instead.
+    pub fn regroup(&self, changes: &RowChanges) -> Regrouped {
+        let mut out = Regrouped::default();
+        // An unchanged row that cuts: a group boundary before and after.
+        let fixed = |(name, row): &(&String, &Row)| row.cut && !changes.contains_key(*name);
+        // The end of the last stretch regrouped (`Unbounded`: to the end).
+        let mut done: Option<Bound<&str>> = None;
+        for name in changes.keys() {
+            let name = name.as_str();
+            match done {
+                Some(Bound::Unbounded) => break,
+                Some(Bound::Included(end)) if name <= end => continue,
+                _ => {}
+            }
+            let before = (Bound::Unbounded, Bound::Excluded(name));
+            let start = match self.rows.range::<str, _>(before).rev().find(fixed) {
+                Some((n, _)) => Bound::Excluded(n.as_str()),
+                None => Bound::Unbounded,
+            };
+            let end = match self
+                .rows
+                .range::<str, _>((Bound::Excluded(name), Bound::Unbounded))
+                .find(fixed)
+            {
+                Some((n, _)) => Bound::Included(n.as_str()),
+                None => Bound::Unbounded,
+            };
+            let stretch = (start, end);
+            out.removed.extend(
+                self.groups
+                    .range::<str, _>(stretch)
+                    .map(|(first, _)| first.clone()),
+            );
+            // The stretch's rows after the change, in name order.
+            let mut old = self
+                .rows
+                .range::<str, _>(stretch)
+                .filter(|(n, _)| !changes.contains_key(*n))
+                .map(|(n, r)| (n.as_str(), r))
+                .peekable();
+            let mut new = changes
+                .range::<str, _>(stretch)
+                .filter_map(|(n, r)| r.as_ref().map(|r| (n.as_str(), r)))
+                .peekable();
+            let merged = std::iter::from_fn(|| match (old.peek(), new.peek()) {
+                (Some(a), Some(b)) if a.0 < b.0 => old.next(),
+                (Some(_), Some(_)) | (None, _) => new.next(),
+                (Some(_), None) => old.next(),
+            });
+            group(merged, &mut out.added);
+            done = Some(end);
+        }
+        out
+    }
+
+    /// Every group in name order, as they are once `regrouped` is applied.
+    pub fn groups_with<'a>(&'a self, regrouped: &'a Regrouped) -> Vec<&'a RowGroup> {
+        let mut removed = regrouped.removed.iter().peekable();
+        let mut added = regrouped.added.iter().peekable();
+        let mut out = Vec::with_capacity(self.groups.len() + regrouped.added.len());
+        for (first, g) in &self.groups {
+            while let Some((a, ag)) = added.peek() {
+                if a < first {
+                    out.push(ag);
+                    added.next();
+                } else {
+                    break;
+                }
+            }
+            if removed.peek() == Some(&first) {
+                removed.next();
+            } else {
+                out.push(g);
+            }
+        }
+        out.extend(added.map(|(_, g)| g));
+        out
+    }
+
+    /// Every group in name order.
+    pub fn groups(&self) -> Vec<&RowGroup> {
+        self.groups.values().collect()
+    }
+
+    /// Applies `changes`, with the groups [`Rows::regroup`] worked out for
+    /// them.
+    pub fn apply(&mut self, changes: RowChanges, regrouped: Regrouped) {
+        for (name, row) in changes {
+            match row {
+                Some(r) => self.rows.insert(name, r),
+                None => self.rows.remove(&name),
+            };
+        }
+        for first in regrouped.removed {
+            self.groups.remove(&first);
+        }
+        self.groups.extend(regrouped.added);
+    }
+}
+
+/// The global files from the groups of every package's [`Row`], in name
+/// order. The payloads are byte for byte what encoding the whole
+/// `Versions`/`Names` messages and the `PackageList` document gives (a unit
+/// test holds it to that). `versions` and `names` are signed on two
+/// threads, and deflated by group, so that a publish deflates again only
+/// the groups it changed.
 pub fn global_files(
     repository: &str,
-    rows: &[&Row],
+    groups: &[&RowGroup],
     wanted: Wanted,
     signer: &dyn Signer,
     cache: &mut GlobalCache,
@@ -357,10 +494,7 @@ pub fn global_files(
     let GlobalCache {
         versions: versions_cache,
         names: names_cache,
-        groups,
     } = cache;
-    let groups = row_groups(rows, groups);
-    let groups = groups.as_slice();
     // Each list is built and signed on its own thread: at ten thousand
     // packages each is hundreds of kilobytes.
     let signed = |wanted: bool,
@@ -488,9 +622,21 @@ mod tests {
         }
     }
 
-    /// The global files from an empty cache.
-    fn cold(rows: &[&Row], wanted: Wanted, key: &RepoKey) -> GlobalFiles {
-        global_files("acme", rows, wanted, key, &mut GlobalCache::default()).unwrap()
+    /// The global files of `pkgs` from an empty cache.
+    fn cold(pkgs: &[pb::Package], wanted: Wanted, key: &RepoKey) -> GlobalFiles {
+        let rows = rows_of(pkgs);
+        global_files(
+            "acme",
+            &rows.groups(),
+            wanted,
+            key,
+            &mut GlobalCache::default(),
+        )
+        .unwrap()
+    }
+
+    fn rows_of(pkgs: &[pb::Package]) -> Rows {
+        Rows::new(pkgs.iter().map(|p| (p.name.clone(), row(p))).collect())
     }
 
     #[test]
@@ -501,9 +647,7 @@ mod tests {
             package("beta", &["0.1.0"], &[]),
             package("gamma_x", &[], &[]),
         ];
-        let rows: Vec<Row> = pkgs.iter().map(row).collect();
-        let refs: Vec<&Row> = rows.iter().collect();
-        let g = cold(&refs, Wanted::ALL, &key);
+        let g = cold(&pkgs, Wanted::ALL, &key);
         let versions: pb::Versions = decode_index(
             g.versions.as_ref().unwrap(),
             key.public_key(),
@@ -550,35 +694,31 @@ mod tests {
         assert_eq!(g.v1_index.unwrap(), json::to_bytes(&list));
         // Enough packages for many deflate groups: from a warm cache after
         // a change, the same files as from a cold one.
-        let many: Vec<pb::Package> = (0..3000)
+        let mut many: Vec<pb::Package> = (0..3000)
             .map(|i| package(&format!("pkg_{i:04}"), &["1.0.0", "2.0.0"], &[]))
             .collect();
-        let mut rows: Vec<Row> = many.iter().map(row).collect();
-        assert!(rows.iter().filter(|r| r.cut).count() > 3);
+        let mut rows = rows_of(&many);
+        assert!(rows.groups().len() > 3);
         let mut cache = GlobalCache::default();
-        global_files(
+        global_files("acme", &rows.groups(), Wanted::ALL, &key, &mut cache).unwrap();
+        many[1500] = package("pkg_1500", &["1.0.0", "2.0.0", "3.0.0"], &[]);
+        let change: RowChanges = [("pkg_1500".to_string(), Some(row(&many[1500])))].into();
+        let regrouped = rows.regroup(&change);
+        assert_eq!(
+            regrouped.rebuilt(),
+            1,
+            "only the changed package's group is gathered again"
+        );
+        let warm = global_files(
             "acme",
-            &rows.iter().collect::<Vec<_>>(),
+            &rows.groups_with(&regrouped),
             Wanted::ALL,
             &key,
             &mut cache,
         )
         .unwrap();
-        rows[1500] = row(&package("pkg_1500", &["1.0.0", "2.0.0", "3.0.0"], &[]));
-        let refs: Vec<&Row> = rows.iter().collect();
-        let before: std::collections::HashSet<*const u8> =
-            cache.groups.values().map(|g| g.versions.as_ptr()).collect();
-        let warm = global_files("acme", &refs, Wanted::ALL, &key, &mut cache).unwrap();
-        let rebuilt = cache
-            .groups
-            .values()
-            .filter(|g| !before.contains(&g.versions.as_ptr()))
-            .count();
-        assert_eq!(
-            rebuilt, 1,
-            "only the changed package's group is gathered again"
-        );
-        let fresh = cold(&refs, Wanted::ALL, &key);
+        rows.apply(change, regrouped);
+        let fresh = cold(&many, Wanted::ALL, &key);
         assert_eq!(warm.versions, fresh.versions);
         assert_eq!(warm.names, fresh.names);
         let decoded: pb::Versions = decode_index(
@@ -598,5 +738,91 @@ mod tests {
         let g = cold(&[], only_list, &key);
         assert!(g.names.is_none() && g.versions.is_none());
         assert_eq!(g.v1_index.unwrap(), b"{\"packages\":[]}\n");
+        assert_eq!(
+            group_bytes(&rows.groups()),
+            group_bytes(&rows_of(&many).groups())
+        );
+    }
+
+    /// The bytes of each group, in order.
+    fn group_bytes(groups: &[&RowGroup]) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        groups
+            .iter()
+            .map(|g| (g.versions.clone(), g.names.clone(), g.json.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn regrouping_a_change_gives_the_groups_of_all_rows_from_the_start() {
+        // Names of two kinds: ones that cut, and more than GROUP_MAX_ROWS
+        // that do not (forced group ends), so changes add, remove and
+        // change rows that cut, and shift the forced ends.
+        let mut cutting = Vec::new();
+        let mut plain = Vec::new();
+        let mut i = 0;
+        while cutting.len() < 12 || plain.len() < GROUP_MAX_ROWS + 700 {
+            let name = format!("p{i:06}");
+            if row(&package(&name, &["1.0.0"], &[])).cut {
+                cutting.push(name);
+            } else {
+                plain.push(name);
+            }
+            i += 1;
+        }
+        // A deterministic xorshift: the same sequence on every run.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let universe: Vec<String> = cutting.iter().chain(plain.iter()).cloned().collect();
+        // Most plain names first, in one run with few cuts: forced ends.
+        let mut present: BTreeMap<String, pb::Package> = plain
+            .iter()
+            .take(GROUP_MAX_ROWS + 300)
+            .chain(cutting.iter().take(6))
+            .map(|n| (n.clone(), package(n, &["1.0.0"], &[])))
+            .collect();
+        let mut rows = Rows::new(present.iter().map(|(n, p)| (n.clone(), row(p))).collect());
+        let mut version = 1;
+        for round in 0..60 {
+            let mut changes = RowChanges::new();
+            for _ in 0..1 + next(4) {
+                // Every other pick among the names that cut.
+                let name = if next(2) == 0 {
+                    &cutting[next(cutting.len())]
+                } else {
+                    &universe[next(universe.len())]
+                };
+                if present.contains_key(name) && next(3) == 0 {
+                    present.remove(name);
+                    changes.insert(name.clone(), None);
+                } else {
+                    version += 1;
+                    let p = package(name, &["1.0.0", &format!("{version}.0.0")], &[]);
+                    changes.insert(name.clone(), Some(row(&p)));
+                    present.insert(name.clone(), p);
+                }
+            }
+            let regrouped = rows.regroup(&changes);
+            let planned = group_bytes(&rows.groups_with(&regrouped));
+            rows.apply(changes, regrouped);
+            let fresh = Rows::new(present.iter().map(|(n, p)| (n.clone(), row(p))).collect());
+            let expected = group_bytes(&fresh.groups());
+            assert_eq!(planned, expected, "round {round}: planned groups differ");
+            assert_eq!(
+                group_bytes(&rows.groups()),
+                expected,
+                "round {round}: applied groups differ"
+            );
+            assert_eq!(
+                rows.groups.keys().collect::<Vec<_>>(),
+                fresh.groups.keys().collect::<Vec<_>>(),
+                "round {round}: group keys differ"
+            );
+        }
+        assert!(rows.groups().len() > 6, "the rows were cut into groups");
     }
 }
