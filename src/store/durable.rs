@@ -66,7 +66,11 @@ fn pool() -> Option<&'static Pool> {
                         Err(poisoned) => poisoned.into_inner().recv(),
                     };
                     match job {
-                        Ok(job) => job(),
+                        // A panic ends the job (its share reports it), not
+                        // the thread.
+                        Ok(job) => {
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                        }
                         Err(_) => break,
                     }
                 });
@@ -85,6 +89,33 @@ fn pool() -> Option<&'static Pool> {
 struct Round {
     state: Mutex<(usize, Option<(PathBuf, io::Error)>)>,
     done: Condvar,
+}
+
+/// One fsync's share of a [`Round`]: counts it down when dropped, so a job
+/// that panics (and never reports) still ends the round, as a failure.
+struct Share {
+    round: Arc<Round>,
+    path: PathBuf,
+    result: Option<Result<(), (PathBuf, io::Error)>>,
+}
+
+impl Share {
+    /// Reports the fsync's result (the drop right after counts it down).
+    fn done(mut self, result: Result<(), (PathBuf, io::Error)>) {
+        self.result = Some(result);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let result = self.result.take().unwrap_or_else(|| {
+            Err((
+                std::mem::take(&mut self.path),
+                io::Error::other("the fsync did not complete"),
+            ))
+        });
+        self.round.finish(result);
+    }
 }
 
 impl Round {
@@ -119,8 +150,12 @@ pub(super) fn sync_all(items: Vec<Durable>) -> Result<(), (PathBuf, io::Error)> 
     {
         let jobs = pool.jobs.lock().unwrap_or_else(|e| e.into_inner());
         for item in rest {
-            let r = round.clone();
-            let job: Job = Box::new(move || r.finish(item.sync()));
+            let share = Share {
+                round: round.clone(),
+                path: item.path().to_path_buf(),
+                result: None,
+            };
+            let job: Job = Box::new(move || share.done(item.sync()));
             if let Err(mpsc::SendError(job)) = jobs.send(job) {
                 // Every pool thread is gone: run it here.
                 job();
@@ -173,5 +208,39 @@ mod tests {
         // Also when the failing item is the one the caller runs itself.
         let err = sync_all(vec![Durable::Path(missing.clone())]).unwrap_err();
         assert_eq!(err.0, missing);
+    }
+
+    #[test]
+    fn a_job_that_never_reports_still_ends_its_round_as_a_failure() {
+        let round = Arc::new(Round {
+            state: Mutex::new((2, None)),
+            done: Condvar::new(),
+        });
+        let share = |path: &str| Share {
+            round: round.clone(),
+            path: PathBuf::from(path),
+            result: None,
+        };
+        share("a").done(Ok(()));
+        // As when the job panics before it reports.
+        let pool = pool().expect("sync threads start");
+        let dropped = share("b");
+        let job: Job = Box::new(move || {
+            let _keep = dropped;
+            panic!("a job failing half-way");
+        });
+        pool.jobs.lock().unwrap().send(job).unwrap();
+        let mut s = round.state.lock().unwrap();
+        while s.0 > 0 {
+            s = round.done.wait(s).unwrap();
+        }
+        assert_eq!(s.1.as_ref().map(|e| e.0.clone()), Some(PathBuf::from("b")));
+        drop(s);
+        // Rounds still complete after it.
+        let dir = tempfile::tempdir().unwrap();
+        let items = (0..2 * THREADS)
+            .map(|_| Durable::Path(dir.path().to_path_buf()))
+            .collect();
+        sync_all(items).unwrap();
     }
 }
