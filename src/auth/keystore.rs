@@ -202,23 +202,24 @@ impl KeyStore {
     pub fn authenticate(&self, key: &ApiKey, now: i64) -> Result<Option<KeyRecord>, KeyStoreError> {
         let hash = key.hash();
         let conn = self.conn();
+        // Every request runs this: the statement is compiled once and kept.
         let row = conn
-            .query_row(
+            .prepare_cached(
                 "SELECT id, name, hash, scopes, created_at, last_used, publisher_key
                  FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
-                params![hash.as_slice()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, Option<i64>>(5)?,
-                        r.get::<_, Option<Vec<u8>>>(6)?,
-                    ))
-                },
             )
+            .map_err(self.db())?
+            .query_row(params![hash.as_slice()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<Vec<u8>>>(6)?,
+                ))
+            })
             .optional()
             .map_err(self.db())?;
         let Some((id, name, stored, scopes, created_at, last_used, publisher_key)) = row else {
