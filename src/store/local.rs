@@ -261,15 +261,33 @@ impl LocalStore {
             return Ok(parent);
         }
         if !parent.is_dir() {
-            fs::create_dir_all(&parent).map_err(io_err("create directory", &parent))?;
-            dirs.created.insert(parent.clone());
+            // The missing directories, deepest first.
+            let mut missing = Vec::new();
             let mut dir = parent.as_path();
-            while let Some(up) = dir.parent() {
-                dirs.sync.insert(up.to_path_buf());
-                if up == self.root || !up.starts_with(&self.root) {
-                    break;
+            while !dir.is_dir() {
+                missing.push(dir.to_path_buf());
+                match dir.parent() {
+                    Some(up) => dir = up,
+                    None => break,
                 }
-                dir = up;
+            }
+            // Made from the top down. Only the parent of a directory made
+            // here gains an entry to sync: syncing every ancestor cost three
+            // needless fsyncs per new version (0.4 ms each on a disk whose
+            // flushes do not overlap).
+            for dir in missing.iter().rev() {
+                match fs::create_dir(dir) {
+                    Ok(()) => {
+                        dirs.created.insert(dir.clone());
+                    }
+                    // Made meanwhile by a change staged beside this one:
+                    // not empty for sure, but synced here all the same.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_err("create directory", dir)(e)),
+                }
+                if let Some(up) = dir.parent() {
+                    dirs.sync.insert(up.to_path_buf());
+                }
             }
         }
         dirs.known.insert(parent.clone());
@@ -1058,6 +1076,33 @@ mod tests {
         assert_eq!(store.get(&p("a/old")).unwrap().unwrap(), b"replaced");
         assert_eq!(store.get(&p("b/link")).unwrap().unwrap(), b"new");
         assert_eq!(temp_files(dir.path()), 0);
+    }
+
+    #[test]
+    fn new_directories_sync_only_the_entries_they_add() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        fs::create_dir_all(dir.path().join("v1/packages/x")).unwrap();
+        let mut dirs = StageDirs::default();
+        let full = dir.path().join("v1/packages/x/1.0.0/sub/manifest");
+        let parent = store.ensure_parent(&full, &mut dirs).unwrap();
+        assert_eq!(parent, dir.path().join("v1/packages/x/1.0.0/sub"));
+        assert!(parent.is_dir());
+        let set = |paths: &[&str]| -> BTreeSet<PathBuf> {
+            paths.iter().map(|p| dir.path().join(p)).collect()
+        };
+        // x gained 1.0.0, and 1.0.0 gained sub; nothing above x changed.
+        assert_eq!(dirs.sync, set(&["v1/packages/x", "v1/packages/x/1.0.0"]));
+        assert_eq!(
+            dirs.created.iter().cloned().collect::<BTreeSet<_>>(),
+            set(&["v1/packages/x/1.0.0", "v1/packages/x/1.0.0/sub"])
+        );
+        // A directory that exists adds nothing.
+        let mut dirs = StageDirs::default();
+        store
+            .ensure_parent(&dir.path().join("v1/packages/x/versions"), &mut dirs)
+            .unwrap();
+        assert!(dirs.sync.is_empty() && dirs.created.is_empty());
     }
 
     #[test]
