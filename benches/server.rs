@@ -365,6 +365,18 @@ impl Server {
         Ok(server)
     }
 
+    /// The server of the upload runs: default settings, logging as
+    /// `--server-log` asks.
+    fn for_uploads(cfg: &Config, niso: &Path, data_dir: &Path) -> Result<Self> {
+        Self::start(
+            niso,
+            data_dir,
+            &[],
+            &cfg.server_log,
+            cfg.server_log_file.as_deref(),
+        )
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -1912,13 +1924,7 @@ fn run() -> Result<()> {
         results
             .load
             .push((format!("sequential uploads, N = {n}"), loadavg(1)));
-        let server = Server::start(
-            &niso,
-            &tree.root,
-            &[],
-            &cfg.server_log,
-            cfg.server_log_file.as_deref(),
-        )?;
+        let server = Server::for_uploads(&cfg, &niso, &tree.root)?;
         let seq = sequential(&cfg, &server, &tree);
         let seq = seq.map_err(|e| format!("{e}\n{}", server.tail_text()))?;
         results.sequential.push(seq);
@@ -1930,13 +1936,7 @@ fn run() -> Result<()> {
     if !cfg.clients.is_empty() {
         eprintln!("== throughput on {} packages", small.n);
         results.load.push(("throughput".into(), loadavg(1)));
-        let server = Server::start(
-            &niso,
-            &small.root,
-            &[],
-            &cfg.server_log,
-            cfg.server_log_file.as_deref(),
-        )?;
+        let server = Server::for_uploads(&cfg, &niso, &small.root)?;
         for (run, &c) in cfg.clients.iter().enumerate() {
             let t = throughput(&cfg, &server, small, c, run)?;
             results.throughput.push((small.n, t));
