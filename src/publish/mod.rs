@@ -263,6 +263,13 @@ pub(crate) fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 1e2
 }
 
+/// `f()`, and how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let out = f();
+    (out, started.elapsed())
+}
+
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -781,19 +788,8 @@ impl Publisher {
             )
         };
         let t0 = std::time::Instant::now();
-        let (rendered, globals) = rayon::join(
-            || {
-                let t = std::time::Instant::now();
-                let r = render_packages();
-                (r, t.elapsed())
-            },
-            || {
-                let t = std::time::Instant::now();
-                let r = render_globals();
-                (r, t.elapsed())
-            },
-        );
-        let ((rendered, t_pkg), (globals, t_glob)) = (rendered, globals);
+        let ((rendered, t_pkg), (globals, t_glob)) =
+            rayon::join(|| timed(render_packages), || timed(render_globals));
         let (rendered, globals) = (rendered?, globals?);
         let t_join = t0.elapsed();
 

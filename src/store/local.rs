@@ -97,14 +97,12 @@ fn release(files: Vec<File>) {
 /// One op of a stage, prepared: everything but the step that makes it
 /// visible, which waits for the stage's sync round.
 enum Step {
-    /// A temp file to rename over `full`; `new_bytes` when its data is new
-    /// (not a link to a file that is durable already). `file` is the temp
-    /// file still open from writing it, until the data round syncs it.
+    /// A temp file to rename over `full`. `file` is the temp file still
+    /// open from writing it, until the data round syncs it.
     Rename {
         tmp: tempfile::TempPath,
         file: Option<File>,
         full: PathBuf,
-        new_bytes: bool,
     },
     Remove {
         full: PathBuf,
@@ -138,12 +136,7 @@ impl Step {
     /// and for an archive created while staging, its directory entry too.
     fn take_durable(&mut self, into: &mut Vec<Durable>) {
         match self {
-            Step::Rename {
-                tmp,
-                file,
-                new_bytes: true,
-                ..
-            } => into.push(match file.take() {
+            Step::Rename { tmp, file, .. } => into.push(match file.take() {
                 Some(f) => Durable::File(f, tmp.to_path_buf()),
                 None => Durable::Path(tmp.to_path_buf()),
             }),
@@ -392,7 +385,6 @@ impl LocalStore {
                         tmp,
                         file: keep_open.then_some(file),
                         full,
-                        new_bytes: true,
                     });
                 }
                 Op::Link { from, to } => {
@@ -503,22 +495,10 @@ impl LocalStore {
     ) -> Result<(BTreeSet<PathBuf>, Vec<File>), StoreError> {
         for step in steps {
             match step {
-                Step::Rename {
-                    tmp,
-                    file,
-                    full,
-                    new_bytes,
-                } => {
-                    // Closed before the rename (when the data round did not
-                    // take it, as for a link's temp name).
+                Step::Rename { tmp, file, full } => {
+                    // The data round has taken and closed it already.
                     drop(file);
-                    // A link's temp name replaces a link to an archive,
-                    // whose inode lives on: nothing to free.
-                    let old = if new_bytes {
-                        hold_replaced(&full)
-                    } else {
-                        None
-                    };
+                    let old = hold_replaced(&full);
                     tmp.persist(&full)
                         .map_err(|e| io_err("rename into", &full)(e.error))?;
                     dirs.replaced.extend(old);
@@ -576,16 +556,17 @@ impl LocalStore {
         Ok((dirs.sync, dirs.replaced))
     }
 
-    /// Makes files or directories durable: an fsync each, on parallel
-    /// threads, or for more than [`SYNCFS_THRESHOLD`] paths one `syncfs(2)`
-    /// of the tree's file system. Every fsync pays a disk flush of its own
-    /// (ext4 without a journal has no commit to fold them into), so syncfs
-    /// is cheaper for many files (10 new files on this project's machine:
-    /// 2.4 ms with parallel fsyncs, 1.0 ms with one syncfs). But syncfs
-    /// also writes back every other dirty page of that file system, such as
-    /// a large upload streaming into `staging/`, so a small change keeps to
-    /// its own files: end to end, upload latency showed no difference
-    /// between the two within this machine's noise.
+    /// Makes files or directories durable: an fsync each, all at once on
+    /// the threads of [`durable`], or for more than [`SYNCFS_THRESHOLD`]
+    /// paths one `syncfs(2)` of the tree's file system. Every fsync pays a
+    /// disk flush of its own (ext4 without a journal has no commit to fold
+    /// them into), so syncfs is cheaper for many files (10 new files on
+    /// this project's machine: 2.4 ms with parallel fsyncs, 1.0 ms with one
+    /// syncfs). But syncfs also writes back every other dirty page of that
+    /// file system, such as a large upload streaming into `staging/`, so a
+    /// small change keeps to its own files: a syncfs for every round made
+    /// sequential uploads slower end to end here (BENCHMARKS.md, session of
+    /// 2026-12-02).
     fn sync_all(&self, items: Vec<Durable>) -> Result<(), StoreError> {
         if items.len() > SYNCFS_THRESHOLD {
             let paths: Vec<&Path> = items.iter().map(Durable::path).collect();
