@@ -6,7 +6,8 @@
 //! overlap (the block layer and a journal both fold concurrent flushes
 //! together). They run on a few threads kept for the life of the process:
 //! a thread started per fsync cost about 15 system calls of its own, and
-//! a sequential upload made 18 of them.
+//! a sequential upload made 18 of them. The same threads close the files a
+//! change replaced, off the writer's path ([`spawn`]).
 
 use std::fs::File;
 use std::io;
@@ -37,8 +38,9 @@ impl Durable {
     }
 }
 
-/// Threads kept for fsyncs. More than the cores: they wait on the disk, not
-/// on the CPU, and a round of a small change has up to a dozen paths.
+/// Threads kept for fsyncs and other waits on the disk. More than the
+/// cores: they wait on the disk, not on the CPU, and a round of a small
+/// change has up to a dozen paths.
 const THREADS: usize = 8;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -83,6 +85,25 @@ fn pool() -> Option<&'static Pool> {
         })
     })
     .as_ref()
+}
+
+/// Runs `job` on the kept threads, or here if none could be started.
+pub(super) fn spawn(job: impl FnOnce() + Send + 'static) {
+    let job: Job = Box::new(job);
+    let job = match pool() {
+        Some(pool) => match pool
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+        {
+            Ok(()) => return,
+            // Every pool thread is gone.
+            Err(mpsc::SendError(job)) => job,
+        },
+        None => job,
+    };
+    job();
 }
 
 /// Counts a round's outstanding fsyncs down and keeps its first error.
@@ -139,28 +160,20 @@ pub(super) fn sync_all(items: Vec<Durable>) -> Result<(), (PathBuf, io::Error)> 
         return Ok(());
     };
     let rest: Vec<Durable> = items.collect();
-    let Some(pool) = pool().filter(|_| !rest.is_empty()) else {
-        first.sync()?;
-        return rest.into_iter().try_for_each(Durable::sync);
-    };
+    if rest.is_empty() {
+        return first.sync();
+    }
     let round = Arc::new(Round {
         state: Mutex::new((rest.len(), None)),
         done: Condvar::new(),
     });
-    {
-        let jobs = pool.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        for item in rest {
-            let share = Share {
-                round: round.clone(),
-                path: item.path().to_path_buf(),
-                result: None,
-            };
-            let job: Job = Box::new(move || share.done(item.sync()));
-            if let Err(mpsc::SendError(job)) = jobs.send(job) {
-                // Every pool thread is gone: run it here.
-                job();
-            }
-        }
+    for item in rest {
+        let share = Share {
+            round: round.clone(),
+            path: item.path().to_path_buf(),
+            result: None,
+        };
+        spawn(move || share.done(item.sync()));
     }
     // The caller's thread takes one fsync itself instead of only waiting.
     let first = first.sync();
@@ -222,14 +235,14 @@ mod tests {
             result: None,
         };
         share("a").done(Ok(()));
-        // As when the job panics before it reports.
-        let pool = pool().expect("sync threads start");
+        // As when the job panics before it reports (on a pool thread: the
+        // pool must be there, or spawn would run it here).
+        assert!(pool().is_some(), "sync threads start");
         let dropped = share("b");
-        let job: Job = Box::new(move || {
+        spawn(move || {
             let _keep = dropped;
             panic!("a job failing half-way");
         });
-        pool.jobs.lock().unwrap().send(job).unwrap();
         let mut s = round.state.lock().unwrap();
         while s.0 > 0 {
             s = round.done.wait(s).unwrap();

@@ -58,40 +58,16 @@ fn hold_replaced(full: &Path) -> Option<File> {
     Some(file)
 }
 
-/// Closes replaced files on a thread kept for it. If it cannot start, they
-/// are closed here.
+/// Closes replaced files on the store's kept threads ([`durable::spawn`]).
 fn release(files: Vec<File>) {
     if files.is_empty() {
         return;
     }
-    let close = |files: Vec<File>| {
+    durable::spawn(move || {
         let n = files.len();
         drop(files);
         HELD.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
-    };
-    static CLOSER: std::sync::OnceLock<
-        Option<std::sync::Mutex<std::sync::mpsc::Sender<Vec<File>>>>,
-    > = std::sync::OnceLock::new();
-    let closer = CLOSER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<File>>();
-        std::thread::Builder::new()
-            .name("niso-release".into())
-            .spawn(move || {
-                for files in rx {
-                    close(files);
-                }
-            })
-            .ok()
-            .map(|_| std::sync::Mutex::new(tx))
     });
-    let files = match closer {
-        Some(tx) => match tx.lock().unwrap_or_else(|e| e.into_inner()).send(files) {
-            Ok(()) => return,
-            Err(std::sync::mpsc::SendError(files)) => files,
-        },
-        None => files,
-    };
-    close(files);
 }
 
 /// One op of a stage, prepared: everything but the step that makes it
