@@ -605,31 +605,33 @@ impl UploadConn {
             self.addr,
             body.len()
         );
-        // One reconnect: the server may have closed an idle connection.
-        for attempt in 0..2 {
-            let stream = match self.stream.take() {
-                Some(s) => s,
-                None => {
-                    let s = TcpStream::connect(&self.addr)?;
-                    s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(timeout))?;
-                    s
-                }
-            };
-            match self.exchange(&stream, head.as_bytes(), body) {
-                Ok((status, body, keep)) => {
-                    if keep {
-                        self.stream = Some(stream);
-                    }
-                    return Ok((status, body));
-                }
-                Err(e) if attempt == 0 => {
-                    let _ = e;
-                }
-                Err(e) => return Err(e),
+        // A kept connection the server has closed meanwhile gets one more
+        // try on a new one; a new connection that fails is an error (a
+        // second try could publish the upload twice).
+        if let Some(stream) = self.stream.take() {
+            if let Ok(answer) = self.exchange_keeping(stream, head.as_bytes(), body) {
+                return Ok(answer);
             }
         }
-        Err("unreachable".into())
+        let stream = TcpStream::connect(&self.addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        self.exchange_keeping(stream, head.as_bytes(), body)
+    }
+
+    /// One exchange; the connection is kept for the next if the server
+    /// keeps it open.
+    fn exchange_keeping(
+        &mut self,
+        stream: TcpStream,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>)> {
+        let (status, answer, keep) = self.exchange(&stream, head, body)?;
+        if keep {
+            self.stream = Some(stream);
+        }
+        Ok((status, answer))
     }
 
     fn exchange(
