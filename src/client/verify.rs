@@ -23,9 +23,9 @@ use super::transport::{Transport, TransportError};
 use crate::archive;
 use crate::index::codec::{decode_index, IndexMessage};
 use crate::index::json;
+use crate::index::layout::{self, Layout};
 use crate::index::{pb, PublicKey};
 use crate::limits::Limits;
-use crate::publish::layout::{self, Layout};
 use crate::publish::render;
 use crate::store::Op;
 

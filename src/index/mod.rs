@@ -6,12 +6,15 @@
 //! * [`codec`] turns a message into the bytes of an index file and back:
 //!   `gzip(Signed{payload, signature})`, verified before the payload is decoded.
 //! * [`keys`] loads, generates and uses the RSA repository key.
+//! * [`layout`] says where each file of a repository's tree goes, for the
+//!   publisher that writes them and every reader that checks them.
 //! * [`json`] holds the JSON documents of the `v1/` API, shared by the
 //!   publisher that writes them and the clients that read them.
 
 pub mod codec;
 pub mod json;
 pub mod keys;
+pub mod layout;
 
 /// Generated protobuf types. See `proto/niso_registry.proto` for the field docs.
 #[allow(clippy::all, clippy::pedantic)]

@@ -25,7 +25,7 @@
 //! (a pipelined group commit). If a write fails, every change prepared on top
 //! of it fails too, and the model is reloaded from the tree before the next.
 
-pub mod layout;
+pub use crate::index::layout;
 pub mod render;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -7,11 +7,11 @@ use std::ops::Bound;
 
 use sha2::{Digest, Sha256};
 
-use super::layout::Layout;
 use super::PublishError;
 use crate::ident::{Arch, PackageName, Version};
 use crate::index::codec::{encode_segmented, SegmentCache};
 use crate::index::json::{self, Manifest, ManifestBinary, ManifestIsolation, ManifestPackage};
+use crate::index::layout::Layout;
 use crate::index::{encode_index, pb, Signer};
 use crate::store::Op;
 

@@ -26,8 +26,8 @@ use super::AppState;
 use crate::auth::Action;
 use crate::ident::{PackageName, RepoName, Version};
 use crate::index::json;
+use crate::index::layout;
 use crate::index::pb;
-use crate::publish::layout;
 use crate::store::TreePath;
 
 /// Files up to this size are read whole; larger ones are streamed.
