@@ -6,11 +6,15 @@
 //! D/keys/repository.pem  the RSA signing key (0600), outside the served tree
 //! D/keys.sqlite          API keys, hashed (made by `serve`)
 //! D/staging/             uploads being received, never served
-//! D/public/              the served tree: point nginx, S3 sync or rsync here
-//! D/registry.lock        held while a process writes the tree
+//! D/public/              the served tree (unless the config names another
+//!                        store, such as s3://BUCKET/PREFIX)
 //! ```
+//!
+//! Several processes may write one tree at once (`build` beside `serve`,
+//! two `serve` on one bucket): the publisher's conditional writes keep them
+//! from losing each other's changes, so there is no lock to take.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +30,6 @@ pub const CONFIG_FILE: &str = "niso-registry.toml";
 pub const KEY_FILE: &str = "keys/repository.pem";
 pub const PUBLIC_DIR: &str = "public";
 pub const STAGING_DIR: &str = "staging";
-pub const LOCK_FILE: &str = "registry.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
@@ -42,12 +45,12 @@ pub enum DataDirError {
     },
     #[error("{path}: {reason}")]
     Config { path: String, reason: String },
-    #[error("{path} is in use by another niso process (a running `niso registry serve`?); stop it or use the write API")]
-    Locked { path: String },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError {
@@ -64,6 +67,10 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> D
 pub struct Config {
     /// The repository name written into every index.
     pub name: String,
+    /// Where the tree lives: `s3://BUCKET/PREFIX`, or a directory (absent:
+    /// `public/` in the data directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// An opened data directory.
@@ -75,11 +82,12 @@ pub struct DataDir {
 
 impl DataDir {
     /// Creates a data directory with a new key (or `import_key`'s), and an
-    /// empty, signed repository.
-    pub fn init(
+    /// empty, signed repository in its store (`public/`, or `store`).
+    pub async fn init(
         root: &Path,
         name: &RepoName,
         import_key: Option<&Path>,
+        store: Option<&str>,
     ) -> Result<Self, DataDirError> {
         let config_path = root.join(CONFIG_FILE);
         if config_path.exists() {
@@ -99,6 +107,7 @@ impl DataDir {
         write_private(&key_path, key.to_pkcs8_pem()?.as_bytes())?;
         let config = Config {
             name: name.to_string(),
+            store: store.map(str::to_string),
         };
         let text = toml::to_string(&config).map_err(|e| DataDirError::Config {
             path: config_path.display().to_string(),
@@ -110,9 +119,10 @@ impl DataDir {
             config,
             repository: name.clone(),
         };
-        let _lock = this.lock()?;
-        this.publisher(Arc::new(key), Layout::root(), Options::default())?
-            .refresh()?;
+        this.publisher(Arc::new(key), Layout::root(), Options::default(), None)
+            .await?
+            .refresh()
+            .await?;
         Ok(this)
     }
 
@@ -170,59 +180,41 @@ impl DataDir {
         Ok(RepoKey::from_file(&self.root.join(KEY_FILE))?)
     }
 
-    pub fn store(&self) -> Arc<dyn Store> {
-        Arc::new(LocalStore::new(self.public_dir()))
+    /// The store the tree lives in: `url` if given (`--store`), else the
+    /// config's, else `public/`.
+    pub fn store(&self, url: Option<&str>) -> Result<Arc<dyn Store>, DataDirError> {
+        match url.or(self.config.store.as_deref()) {
+            Some(u) => Ok(crate::store::open(u)?),
+            None => Ok(Arc::new(LocalStore::new(self.public_dir()))),
+        }
     }
 
-    /// Takes the data directory's write lock, held until the guard drops.
-    pub fn lock(&self) -> Result<WriteLock, DataDirError> {
-        WriteLock::acquire(&self.root.join(LOCK_FILE))
-    }
-
-    pub fn publisher(
+    /// A publisher for the root repository (`Layout::root()`) or an
+    /// organization's, on the store `store_url` (or the configured one).
+    pub async fn publisher(
         &self,
         signer: Arc<dyn Signer>,
         layout: Layout,
         options: Options,
+        store_url: Option<&str>,
     ) -> Result<Publisher, DataDirError> {
         let repository = match layout.prefix().strip_prefix("repos/") {
             Some(org) => RepoName::new(org).map_err(PublishError::from)?,
             None => self.repository.clone(),
         };
-        Ok(Publisher::open(
-            self.store(),
-            signer,
-            repository,
-            layout,
-            options,
-        )?)
-    }
-
-    /// Organization repositories present in the tree (`public/repos/*`).
-    pub fn organizations(&self) -> Result<Vec<RepoName>, DataDirError> {
-        organizations_in(&self.public_dir())
+        Ok(Publisher::open(self.store(store_url)?, signer, repository, layout, options).await?)
     }
 }
 
-/// Organization repositories under `tree/repos/`.
-pub fn organizations_in(tree: &Path) -> Result<Vec<RepoName>, DataDirError> {
-    let dir = tree.join(crate::publish::layout::REPOS_DIR);
-    let mut out = Vec::new();
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(io_err("list", &dir)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(io_err("list", &dir))?;
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            if let Some(name) = entry.file_name().to_str() {
-                out.push(RepoName::new(name).map_err(PublishError::from)?);
-            }
+/// Organization repositories present in a tree (`repos/*`).
+pub async fn organizations(store: &dyn Store) -> Result<Vec<RepoName>, DataDirError> {
+    let mut out = std::collections::BTreeSet::new();
+    for p in store.list(crate::index::layout::REPOS_DIR).await? {
+        if let Some(org) = p.as_str().split('/').nth(1) {
+            out.insert(RepoName::new(org).map_err(PublishError::from)?);
         }
     }
-    out.sort();
-    Ok(out)
+    Ok(out.into_iter().collect())
 }
 
 /// Writes a secret file readable only by its owner, atomically.
@@ -247,30 +239,3 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     Ok(())
 }
 
-/// An exclusive advisory lock (flock) on a file; released on drop.
-pub struct WriteLock {
-    _file: File,
-}
-
-impl WriteLock {
-    pub fn acquire(path: &Path) -> Result<Self, DataDirError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err("open", path))?;
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock only uses the descriptor, which `file` keeps open.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc != 0 {
-                return Err(DataDirError::Locked {
-                    path: path.parent().unwrap_or(path).display().to_string(),
-                });
-            }
-        }
-        Ok(Self { _file: file })
-    }
-}

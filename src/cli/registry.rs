@@ -14,7 +14,7 @@ use crate::datadir::{self, DataDir};
 use crate::ident::RepoName;
 use crate::index::{PublicKey, RepoKey, Signer};
 use crate::limits::Limits;
-use crate::publish::{unix_now, Layout, Options, Publisher, Upload};
+use crate::publish::{unix_now, Layout, Options, Publisher, StagedFile, Upload};
 use crate::store::{LocalStore, Store};
 
 #[derive(Debug, Subcommand)]
@@ -45,10 +45,15 @@ impl RegistryCommand {
 /// `public/` (the directory to serve).
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
-Example:
+Examples:
   $ niso registry init --data-dir /var/lib/niso-registry --name acme
   Created repository acme in /var/lib/niso-registry
-  Serve /var/lib/niso-registry/public; clients pin public_key (sha256 fingerprint printed below).")]
+  Serve /var/lib/niso-registry/public
+  public key sha256:4f1c…   (clients pin this key: `niso registry add … --public-key`)
+
+  # The tree in a bucket (settings from AWS_ENDPOINT_URL, AWS_REGION,
+  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP):
+  $ niso registry init --data-dir /var/lib/niso-registry --name acme --store s3://acme-registry/tree")]
 pub struct InitArgs {
     /// The data directory to create.
     #[arg(long)]
@@ -60,19 +65,32 @@ pub struct InitArgs {
     /// generating one.
     #[arg(long)]
     private_key: Option<PathBuf>,
+    /// Keep the tree in this store instead of DATA_DIR/public:
+    /// s3://BUCKET/PREFIX, or a directory. Config, keys and the key store
+    /// stay in the data directory.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
 }
 
 impl InitArgs {
     fn run(self) -> anyhow::Result<Outcome> {
-        let dd = DataDir::init(&self.data_dir, &self.name, self.private_key.as_deref())
-            .with_context(|| format!("cannot create a registry in {}", self.data_dir.display()))?;
+        let dd = super::block_on(DataDir::init(
+            &self.data_dir,
+            &self.name,
+            self.private_key.as_deref(),
+            self.store.as_deref(),
+        ))?
+        .with_context(|| format!("cannot create a registry in {}", self.data_dir.display()))?;
         let key = dd.key()?;
         eprintln!(
             "Created repository {} in {}",
             self.name,
             self.data_dir.display()
         );
-        eprintln!("Serve {}", dd.public_dir().display());
+        match &self.store {
+            Some(url) => eprintln!("The tree is in {url}"),
+            None => eprintln!("Serve {}", dd.public_dir().display()),
+        }
         println!("public key sha256:{}", key.public_key().fingerprint());
         Ok(Outcome::Success)
     }
@@ -104,11 +122,19 @@ pub struct BuildArgs {
     /// RSA private key, PEM (plain directory only).
     #[arg(long, requires = "name")]
     private_key: Option<PathBuf>,
+    /// The store holding the tree, instead of the data directory's
+    /// configured one (s3://BUCKET/PREFIX or a directory).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
 }
 
 impl BuildArgs {
     fn run(self) -> anyhow::Result<Outcome> {
-        let (tree, key, name, _lock) = if DataDir::is_data_dir(&self.data_dir) {
+        super::block_on(self.build())?
+    }
+
+    async fn build(self) -> anyhow::Result<Outcome> {
+        let (store, key, name) = if DataDir::is_data_dir(&self.data_dir) {
             if self.name.is_some() {
                 bail!(
                     "{} is a registry data directory: its name and key are in its config; drop --name and --private-key",
@@ -116,12 +142,10 @@ impl BuildArgs {
                 );
             }
             let dd = DataDir::open(&self.data_dir)?;
-            let lock = dd.lock()?;
             (
-                dd.public_dir(),
+                dd.store(self.store.as_deref())?,
                 dd.key()?,
                 dd.repository().clone(),
-                Some(lock),
             )
         } else {
             let (Some(name), Some(key_path)) = (self.name, self.private_key) else {
@@ -133,17 +157,15 @@ impl BuildArgs {
             if !self.data_dir.is_dir() {
                 bail!("{} is not a directory", self.data_dir.display());
             }
-            (
-                self.data_dir.clone(),
-                RepoKey::from_file(&key_path)?,
-                name,
-                None,
-            )
+            let store: Arc<dyn Store> = match &self.store {
+                Some(url) => crate::store::open(url)?,
+                None => Arc::new(LocalStore::new(&self.data_dir)),
+            };
+            (store, RepoKey::from_file(&key_path)?, name)
         };
         let signer: Arc<dyn Signer> = Arc::new(key);
-        let store: Arc<dyn Store> = Arc::new(LocalStore::new(&tree));
         let mut repos = vec![(name, Layout::root())];
-        for org in datadir::organizations_in(&tree)? {
+        for org in datadir::organizations(store.as_ref()).await? {
             let layout = Layout::organization(&org);
             repos.push((org, layout));
         }
@@ -155,8 +177,9 @@ impl BuildArgs {
                 layout,
                 Options::default(),
             )
+            .await
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
-            let report = publisher.rebuild()?;
+            let report = publisher.rebuild().await?;
             eprintln!(
                 "Built {repo}: {} packages, {} releases, {} archives ({} files written, {} removed)",
                 report.packages, report.releases, report.artifacts, report.files_written, report.files_removed
@@ -210,7 +233,7 @@ impl VerifyArgs {
         }
         let mut repos = vec![(self.name.clone(), Layout::root())];
         let orgs = match &local {
-            Some(dir) => datadir::organizations_in(dir)?,
+            Some(dir) => super::block_on(datadir::organizations(&LocalStore::new(dir)))??,
             None => self.orgs.clone(),
         };
         repos.extend(orgs.into_iter().map(|o| {
@@ -222,8 +245,7 @@ impl VerifyArgs {
             let (transport, listing): (Box<dyn Transport>, Option<Vec<String>>) = match &local {
                 Some(dir) => {
                     let root = dir.join(layout.prefix());
-                    let listing = LocalStore::new(&root)
-                        .list("")?
+                    let listing = super::block_on(LocalStore::new(&root).list(""))??
                         .into_iter()
                         .map(|p| p.to_string())
                         .filter(|p| !p.starts_with("repos/"))
@@ -271,17 +293,24 @@ impl VerifyArgs {
 /// Publish archives into a registry directly, without a server.
 ///
 /// Each archive is copied into the data directory's staging area, checked,
-/// and published: archive first, then its indexes. A version that is already
-/// published is refused (published versions never change). Use this on the
-/// machine that holds the data directory, e.g. to fill an air-gapped copy; a
-/// running `niso registry serve` holds the lock, so publish through it then.
+/// and published: archive first, then its indexes. A version already
+/// published with the same bytes is left as it is; other bytes are refused
+/// (published versions never change). Use this on the machine that holds
+/// the data directory, e.g. to fill an air-gapped copy. It may run while
+/// `niso registry serve` runs on the same data directory or bucket: each
+/// writer reloads what the other changed.
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
 Example:
   $ niso registry publish --data-dir /var/lib/niso-registry my-app-1.1.0-x86_64.niso phoenix-1.7.0.tar")]
 pub struct PublishArgs {
+    /// The registry's data directory (made by `niso registry init`).
     #[arg(long)]
     data_dir: PathBuf,
+    /// The store holding the tree, instead of the data directory's
+    /// configured one.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// Publish into this organization repository (`repos/ORG/`).
     #[arg(long)]
     org: Option<RepoName>,
@@ -292,20 +321,35 @@ pub struct PublishArgs {
 
 impl PublishArgs {
     fn run(self) -> anyhow::Result<Outcome> {
+        super::block_on(self.publish())?
+    }
+
+    async fn publish(self) -> anyhow::Result<Outcome> {
         let dd = DataDir::open(&self.data_dir)?;
-        let _lock = dd.lock()?;
         let layout = match &self.org {
             Some(org) => Layout::organization(org),
             None => Layout::root(),
         };
-        let publisher = dd.publisher(Arc::new(dd.key()?), layout, Options::default())?;
+        let publisher = dd
+            .publisher(
+                Arc::new(dd.key()?),
+                layout,
+                Options::default(),
+                self.store.as_deref(),
+            )
+            .await?;
+        publisher.recover().await?;
         let limits = *publisher.limits();
         let mut failed = 0;
         for path in &self.archives {
-            match publish_file(&dd, &publisher, path, &limits) {
-                Ok(p) => eprintln!(
+            match publish_file(&dd, &publisher, path, &limits).await {
+                Ok(p) if p.created => eprintln!(
                     "Published {} {} ({}) — {} bytes",
                     p.name, p.version, p.arch, p.size
+                ),
+                Ok(p) => eprintln!(
+                    "Already published: {} {} ({}), the same bytes",
+                    p.name, p.version, p.arch
                 ),
                 Err(e) => {
                     failed += 1;
@@ -323,7 +367,7 @@ impl PublishArgs {
     }
 }
 
-fn publish_file(
+async fn publish_file(
     dd: &DataDir,
     publisher: &Publisher,
     path: &Path,
@@ -339,10 +383,12 @@ fn publish_file(
     std::fs::copy(path, staged.path())
         .with_context(|| format!("cannot read {}", path.display()))?;
     let info = archive::inspect_file(staged.path(), limits)?;
-    Ok(publisher.publish(Upload {
-        info,
-        staged: staged.path().to_path_buf(),
-        uploaded_at: unix_now(),
-        signature: None,
-    })?)
+    Ok(publisher
+        .publish(Upload {
+            info,
+            staged: StagedFile::Owned(staged.into_temp_path()),
+            uploaded_at: unix_now(),
+            signature: None,
+        })
+        .await?)
 }

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// X-Forwarded-For instead of the proxy's.
     #[arg(long)]
     trust_proxy: bool,
+    /// The store holding the tree, instead of the data directory's
+    /// configured one (s3://BUCKET/PREFIX or a directory).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
 }
 
 impl ServeArgs {
@@ -82,7 +86,7 @@ impl ServeArgs {
     }
 
     async fn serve(self, settings: Settings) -> anyhow::Result<Outcome> {
-        let (app, _lock) = if self.read_only {
+        let app = if self.read_only {
             let tree = if DataDir::is_data_dir(&self.data_dir) {
                 self.data_dir.join(datadir::PUBLIC_DIR)
             } else {
@@ -95,14 +99,16 @@ impl ServeArgs {
                 .map(|d| d.repository().clone())
                 .unwrap_or(self.name.clone());
             let staging = std::env::temp_dir();
-            (App::new(settings, tree, staging, name, None, None)?, None)
+            App::new(settings, tree, staging, name, None, None).await?
         } else {
             let dd = if DataDir::is_data_dir(&self.data_dir) {
                 DataDir::open(&self.data_dir)?
             } else {
-                let dd = DataDir::init(&self.data_dir, &self.name, None).with_context(|| {
-                    format!("cannot create a registry in {}", self.data_dir.display())
-                })?;
+                let dd = DataDir::init(&self.data_dir, &self.name, None, self.store.as_deref())
+                    .await
+                    .with_context(|| {
+                        format!("cannot create a registry in {}", self.data_dir.display())
+                    })?;
                 eprintln!(
                     "Created repository {} in {}",
                     self.name,
@@ -110,7 +116,6 @@ impl ServeArgs {
                 );
                 dd
             };
-            let lock = dd.lock()?;
             let keys = KeyStore::open(&dd.root().join("keys.sqlite"))?;
             if keys.is_empty()? {
                 let preset = match std::env::var(ADMIN_KEY_ENV) {
@@ -132,15 +137,15 @@ impl ServeArgs {
                 }
             }
             let signer: Arc<dyn Signer> = Arc::new(dd.key()?);
-            let app = App::new(
+            App::new(
                 settings,
                 dd.public_dir(),
                 dd.staging_dir(),
                 dd.repository().clone(),
                 Some(keys),
-                Some((dd.store(), signer, Options::default())),
-            )?;
-            (app, Some(lock))
+                Some((dd.store(self.store.as_deref())?, signer, Options::default())),
+            )
+            .await?
         };
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await

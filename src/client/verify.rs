@@ -3,15 +3,19 @@
 //! Every problem is collected (not just the first), so one run tells an
 //! operator everything that is wrong:
 //!
-//! * every index's signature and `repository` field;
-//! * `names`, `versions` and `packages/NAME` agree (same packages, same
-//!   versions in the same order, same retirements);
+//! * every index's signature and `repository` field (a wrong key or name is
+//!   reported once, as the cause, not as every file it breaks);
+//! * each package's `niso/packages/NAME` (every release) and Hex's view of
+//!   it: `packages/NAME`, `names` and `versions` hold exactly the releases
+//!   with a Hex tarball; no artifact has other bytes than a tombstone says;
 //! * every archive an index names exists, has the recorded size and SHA-256,
 //!   passes the archive checks, and holds the name, version and arch the index
 //!   says (and, for Hex tarballs, the recorded inner checksum);
 //! * the `v1/` documents and links match the indexes;
 //! * the freshness sidecar is signed, unexpired, and lists the exact digest of
-//!   every index file (`packages/NAME` through its freshness bin);
+//!   every index file (the package indexes through their freshness bins);
+//!   the packages are found from it, so a tree served over HTTP is walked
+//!   whole;
 //! * for a local tree, no archive or index lies in the tree unreferenced.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,13 +25,12 @@ use sha2::{Digest, Sha256};
 
 use super::transport::{Transport, TransportError};
 use crate::archive;
-use crate::index::codec::{decode_index, IndexMessage};
+use crate::index::codec::{decode_index, CodecError, IndexMessage};
 use crate::index::json;
 use crate::index::layout::{self, Layout};
 use crate::index::{pb, PublicKey};
 use crate::limits::Limits;
-use crate::publish::render;
-use crate::store::Op;
+use crate::index::view as render;
 
 pub struct VerifyOptions {
     pub repository: String,
@@ -113,15 +116,42 @@ impl Verifier<'_> {
         if let Some(bytes) = self.fetch(layout::PUBLIC_KEY) {
             match PublicKey::from_pem(&bytes, layout::PUBLIC_KEY) {
                 Ok(k) if k == self.o.public_key => {}
-                Ok(k) => self.problem(format!(
-                    "{}: is key {} but the key given is {}",
-                    layout::PUBLIC_KEY,
-                    k.fingerprint(),
-                    self.o.public_key.fingerprint()
-                )),
+                Ok(k) => {
+                    // The root cause of every other failure: say it once.
+                    return self.problem(format!(
+                        "{}: the tree is signed by key {}, not by the key given ({}); \
+                         check --public-key",
+                        layout::PUBLIC_KEY,
+                        k.fingerprint(),
+                        self.o.public_key.fingerprint()
+                    ));
+                }
                 Err(e) => self.problem(format!("{}: {e}", layout::PUBLIC_KEY)),
             }
         }
+        // The signed record first: it names every index file, through the
+        // bins, so the tree can be walked from it even over HTTP.
+        let fresh = match self.fetch(layout::FRESHNESS) {
+            Some(bytes) => match decode_index::<pb::Freshness>(
+                &bytes,
+                &self.o.public_key,
+                &self.o.repository,
+                self.o.limits.max_index,
+            ) {
+                Ok(f) => Some(f),
+                Err(e @ (CodecError::Signature(_) | CodecError::Repository { .. })) => {
+                    return self.problem(format!(
+                        "{}: {e}; check --public-key and --name",
+                        layout::FRESHNESS
+                    ));
+                }
+                Err(e) => {
+                    self.problem(format!("{}: {e}", layout::FRESHNESS));
+                    None
+                }
+            },
+            None => None,
+        };
         let mut digests: BTreeMap<String, render::Digest256> = BTreeMap::new();
         let names = self.index::<pb::Names>(layout::NAMES);
         let versions = self.index::<pb::Versions>(layout::VERSIONS);
@@ -134,68 +164,90 @@ impl Verifier<'_> {
         let names: Vec<String> = names
             .map(|(n, _)| n.packages.into_iter().map(|p| p.name).collect())
             .unwrap_or_default();
-        let versions: BTreeMap<String, pb::VersionsPackage> = versions
-            .map(|(v, _)| {
-                v.packages
-                    .into_iter()
-                    .map(|p| (p.name.clone(), p))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let versions: Vec<pb::VersionsPackage> =
+            versions.map(|(v, _)| v.packages).unwrap_or_default();
         if names.windows(2).any(|w| w[0] >= w[1]) {
             self.problem(format!(
                 "{}: packages are not sorted and unique",
                 layout::NAMES
             ));
         }
-        let name_set: BTreeSet<&String> = names.iter().collect();
-        let version_set: BTreeSet<&String> = versions.keys().collect();
-        for n in name_set.difference(&version_set) {
-            self.problem(format!(
-                "{n}: in {} but not in {}",
-                layout::NAMES,
-                layout::VERSIONS
-            ));
-        }
-        for n in version_set.difference(&name_set) {
-            self.problem(format!(
-                "{n}: in {} but not in {}",
-                layout::VERSIONS,
-                layout::NAMES
-            ));
-        }
+
+        // Every package: from the bins of the signed record (or, without
+        // one, from the v1 list, to check what can be checked).
+        let bins = match &fresh {
+            Some(f) => self.check_freshness(f, &digests),
+            None => BTreeMap::new(),
+        };
+        let packages: BTreeSet<String> = if fresh.is_some() {
+            bins.keys()
+                .filter_map(|p| p.strip_prefix(&format!("{}/", layout::NISO_PACKAGES_DIR)))
+                .map(str::to_string)
+                .collect()
+        } else {
+            self.fetch(layout::V1_INDEX)
+                .and_then(|b| serde_json::from_slice::<json::PackageList>(&b).ok())
+                .map(|l| l.packages.into_iter().map(|p| p.name).collect())
+                .unwrap_or_default()
+        };
 
         let mut summaries = Vec::new();
-        for name in &names {
-            let path = format!("{}/{name}", layout::PACKAGES_DIR);
+        let mut hex_names = Vec::new();
+        let mut hex_versions = Vec::new();
+        for name in &packages {
+            let path = format!("{}/{name}", layout::NISO_PACKAGES_DIR);
             let Some((pkg, bytes)) = self.index::<pb::Package>(&path) else {
                 continue;
             };
-            digests.insert(path.clone(), render::Digest256::of(&bytes));
-            self.report.packages += 1;
+            self.check_listed(&bins, &path, &bytes);
             if &pkg.name != name {
                 self.problem(format!("{path}: names package {:?}", pkg.name));
             }
-            // What `versions` must say of this package, by the publisher's rule.
-            let expected = render::versions_entry(&pkg);
-            if let Some(v) = versions.get(name) {
-                if v.versions != expected.versions {
-                    self.problem(format!(
-                        "{name}: {} lists versions {:?} but {path} has {:?}",
-                        layout::VERSIONS,
-                        v.versions,
-                        expected.versions
-                    ));
-                }
-                if v.retired != expected.retired {
-                    self.problem(format!(
-                        "{name}: retired releases differ between {} and {path}",
-                        layout::VERSIONS
-                    ));
-                }
+            if !pkg.releases.is_empty() {
+                self.report.packages += 1;
+                summaries.push(render::summary(&pkg));
             }
             self.check_package(&pkg);
-            summaries.push(render::summary(&pkg));
+            // Hex's view: exactly the releases with a Hex tarball.
+            let hex_path = format!("{}/{name}", layout::PACKAGES_DIR);
+            match render::hex_view(&pkg) {
+                Some(view) => {
+                    if let Some((hex, bytes)) = self.index::<pb::Package>(&hex_path) {
+                        self.check_listed(&bins, &hex_path, &bytes);
+                        if hex != view {
+                            self.problem(format!(
+                                "{hex_path}: is not Hex's view of {path} (the releases with a \
+                                 Hex tarball)"
+                            ));
+                        }
+                    }
+                    hex_names.push(name.clone());
+                    hex_versions.push(render::versions_entry(&view));
+                }
+                None => {
+                    if bins.contains_key(&hex_path) {
+                        self.problem(format!(
+                            "{hex_path}: listed, but {name} has no release with a Hex tarball"
+                        ));
+                    }
+                }
+            }
+        }
+        if fresh.is_some() {
+            if names != hex_names {
+                self.problem(format!(
+                    "{}: lists {:?}, but the packages with Hex releases are {:?}",
+                    layout::NAMES,
+                    cut_list(&names),
+                    cut_list(&hex_names)
+                ));
+            }
+            if versions != hex_versions {
+                self.problem(format!(
+                    "{}: does not list the Hex releases of the package indexes",
+                    layout::VERSIONS
+                ));
+            }
         }
         self.check_bytes(
             layout::V1_INDEX,
@@ -203,8 +255,28 @@ impl Verifier<'_> {
                 packages: summaries,
             }),
         );
-        self.check_freshness(&digests);
         self.check_unreferenced();
+    }
+
+    /// A file's bytes must match its digest in its freshness bin.
+    fn check_listed(
+        &mut self,
+        bins: &BTreeMap<String, pb::FileDigest>,
+        path: &str,
+        bytes: &[u8],
+    ) {
+        if bins.is_empty() {
+            return;
+        }
+        let d = render::Digest256::of(bytes);
+        match bins.get(path) {
+            None => self.problem(format!("{path}: not listed in its freshness bin")),
+            Some(l) if l.sha256 != d.sha256 || l.length != d.length => self.problem(format!(
+                "{path}: does not match its digest in {} (stale or replayed index)",
+                layout::FRESHNESS
+            )),
+            Some(_) => {}
+        }
     }
 
     fn check_package(&mut self, pkg: &pb::Package) {
@@ -217,6 +289,16 @@ impl Verifier<'_> {
             for a in &r.artifacts {
                 self.report.artifacts += 1;
                 self.check_artifact(pkg, r, a);
+                if pkg
+                    .tombstones
+                    .iter()
+                    .any(|t| t.version == r.version && t.arch == a.arch && t.sha256 != a.sha256)
+                {
+                    self.problem(format!(
+                        "{name} {} ({}): published with other bytes than the deleted ones",
+                        r.version, a.arch
+                    ));
+                }
             }
         }
         for t in &pkg.tags {
@@ -229,24 +311,23 @@ impl Verifier<'_> {
         }
         // The v1 files must be exactly what the publisher renders from this
         // (verified) index: the same code decides both.
-        let ops = match render::v1_files(&Layout::root(), pkg) {
-            Ok(ops) => ops,
-            Err(e) => return self.problem(format!("packages/{name}: {e}")),
+        let files = match render::v1_files(&Layout::root(), pkg) {
+            Ok(f) => f,
+            Err(e) => return self.problem(format!("niso/packages/{name}: {e}")),
         };
-        for op in ops {
-            match op {
-                Op::Put { path, bytes } => self.check_bytes(path.as_str(), &bytes),
-                Op::Link { from, to } => {
+        for f in files {
+            match f.content {
+                render::Content::Bytes(bytes) => self.check_bytes(f.path.as_str(), &bytes),
+                render::Content::Copy(from) => {
                     let artifact = pkg
                         .releases
                         .iter()
                         .flat_map(|r| r.artifacts.iter())
                         .find(|a| a.path == from.as_str());
                     if let Some(a) = artifact {
-                        self.check_same_bytes(to.as_str(), a);
+                        self.check_same_bytes(f.path.as_str(), a);
                     }
                 }
-                Op::Remove { .. } | Op::Create { .. } => {}
             }
         }
     }
@@ -338,14 +419,15 @@ impl Verifier<'_> {
         }
     }
 
-    /// `digests`: the actual digest of `names`, `versions` and every
-    /// `packages/NAME`. The signed record must list `names`, `versions` and
-    /// exactly the bins that hold packages; each bin must match its listed
-    /// digest and list exactly its packages' actual digests.
-    fn check_freshness(&mut self, digests: &BTreeMap<String, render::Digest256>) {
-        let Some((f, _)) = self.index::<pb::Freshness>(layout::FRESHNESS) else {
-            return;
-        };
+    /// Checks the signed record: unexpired, listing `names`, `versions` (whose
+    /// actual digests are `top`) and the bins, each bin matching its digest
+    /// and listing only its own packages. Returns every index file the bins
+    /// list, by path.
+    fn check_freshness(
+        &mut self,
+        f: &pb::Freshness,
+        top: &BTreeMap<String, render::Digest256>,
+    ) -> BTreeMap<String, pb::FileDigest> {
         if f.expires_at <= self.o.now {
             self.problem(format!(
                 "{}: expired at {} (re-sign it with `niso registry build`)",
@@ -353,88 +435,13 @@ impl Verifier<'_> {
                 json::rfc3339(f.expires_at)
             ));
         }
-        // What the record should list, and what the bins should hold.
-        let mut expected: BTreeMap<String, Option<&render::Digest256>> = BTreeMap::new();
-        let mut in_bins: BTreeMap<String, &render::Digest256> = BTreeMap::new();
-        for (path, d) in digests {
-            match path.strip_prefix(&format!("{}/", layout::PACKAGES_DIR)) {
-                Some(name) => {
-                    in_bins.insert(path.clone(), d);
-                    expected.insert(Layout::freshness_bin_rel(render::bin_of(name)), None);
-                }
-                None => {
-                    expected.insert(path.clone(), Some(d));
-                }
-            }
-        }
-        let listed: BTreeMap<&str, &pb::FileDigest> =
-            f.files.iter().map(|d| (d.path.as_str(), d)).collect();
         let matches = |l: &pb::FileDigest, d: &render::Digest256| {
             l.sha256 == d.sha256 && l.length == d.length
         };
         let mut binned: BTreeMap<String, pb::FileDigest> = BTreeMap::new();
-        for (path, want) in &expected {
-            let Some(l) = listed.get(path.as_str()) else {
-                self.problem(format!("{path}: not listed in {}", layout::FRESHNESS));
-                continue;
-            };
-            match want {
-                Some(d) if !matches(l, d) => self.problem(format!(
-                    "{path}: does not match its digest in {} (stale or replayed index)",
-                    layout::FRESHNESS
-                )),
-                Some(_) => {}
-                None => {
-                    let Some(bytes) = self.fetch(path) else {
-                        continue;
-                    };
-                    if !matches(l, &render::Digest256::of(&bytes)) {
-                        self.problem(format!(
-                            "{path}: does not match its digest in {} (stale or replayed)",
-                            layout::FRESHNESS
-                        ));
-                        continue;
-                    }
-                    match <pb::FreshnessBin as prost::Message>::decode(bytes.as_slice()) {
-                        Ok(b) if b.repository != self.o.repository => {
-                            self.problem(format!("{path}: is for repository {:?}", b.repository))
-                        }
-                        Ok(b) if Layout::freshness_bin_rel(b.bin as u8) != *path || b.bin > 255 => {
-                            self.problem(format!("{path}: says it is bin {}", b.bin))
-                        }
-                        Ok(b) => {
-                            for d in b.files {
-                                let right_bin = d
-                                    .path
-                                    .strip_prefix(&format!("{}/", layout::PACKAGES_DIR))
-                                    .is_some_and(|n| {
-                                        Layout::freshness_bin_rel(render::bin_of(n)) == *path
-                                    });
-                                if !right_bin {
-                                    self.problem(format!(
-                                        "{path}: lists {}, which does not belong in it",
-                                        d.path
-                                    ));
-                                }
-                                binned.insert(d.path.clone(), d);
-                            }
-                        }
-                        Err(e) => self.problem(format!("{path}: cannot be decoded: {e}")),
-                    }
-                }
-            }
-        }
-        for path in listed.keys() {
-            if !expected.contains_key(*path) {
-                self.problem(format!(
-                    "{path}: listed in {} but not an index of this tree",
-                    layout::FRESHNESS
-                ));
-            }
-        }
-        for (path, d) in &in_bins {
-            match binned.get(path) {
-                None => self.problem(format!("{path}: not listed in its freshness bin")),
+        for (path, d) in top {
+            match f.files.iter().find(|l| l.path == *path) {
+                None => self.problem(format!("{path}: not listed in {}", layout::FRESHNESS)),
                 Some(l) if !matches(l, d) => self.problem(format!(
                     "{path}: does not match its digest in {} (stale or replayed index)",
                     layout::FRESHNESS
@@ -442,13 +449,58 @@ impl Verifier<'_> {
                 Some(_) => {}
             }
         }
-        for path in binned.keys() {
-            if !in_bins.contains_key(path) {
+        for l in &f.files {
+            let path = l.path.as_str();
+            if top.contains_key(path) || path == layout::NAMES || path == layout::VERSIONS {
+                continue;
+            }
+            let Some(bin) = path
+                .strip_prefix(&format!("{}/", layout::FRESHNESS_BINS_DIR))
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                .filter(|b| Layout::freshness_bin_rel(*b) == path)
+            else {
                 self.problem(format!(
-                    "{path}: listed in a freshness bin but not an index of this tree"
+                    "{path}: listed in {} but not an index of this tree",
+                    layout::FRESHNESS
                 ));
+                continue;
+            };
+            let Some(bytes) = self.fetch(path) else {
+                continue;
+            };
+            if !matches(l, &render::Digest256::of(&bytes)) {
+                self.problem(format!(
+                    "{path}: does not match its digest in {} (stale or replayed)",
+                    layout::FRESHNESS
+                ));
+                continue;
+            }
+            match <pb::FreshnessBin as prost::Message>::decode(bytes.as_slice()) {
+                Ok(b) if b.repository != self.o.repository => {
+                    self.problem(format!("{path}: is for repository {:?}", b.repository))
+                }
+                Ok(b) if b.bin != u32::from(bin) => {
+                    self.problem(format!("{path}: says it is bin {}", b.bin))
+                }
+                Ok(b) => {
+                    for d in b.files {
+                        let name = d
+                            .path
+                            .strip_prefix(&format!("{}/", layout::NISO_PACKAGES_DIR))
+                            .or_else(|| d.path.strip_prefix(&format!("{}/", layout::PACKAGES_DIR)));
+                        if name.is_none_or(|n| render::bin_of(n) != bin) {
+                            self.problem(format!(
+                                "{path}: lists {}, which does not belong in it",
+                                d.path
+                            ));
+                        }
+                        binned.insert(d.path.clone(), d);
+                    }
+                }
+                Err(e) => self.problem(format!("{path}: cannot be decoded: {e}")),
             }
         }
+        binned
     }
 
     fn check_unreferenced(&mut self) {
@@ -458,6 +510,7 @@ impl Verifier<'_> {
         for path in listing {
             let derived = path.starts_with("v1/")
                 || path.starts_with("packages/")
+                || path.starts_with("niso/")
                 || path.starts_with("freshness-bins/")
                 || path.starts_with("tarballs/")
                 || path.starts_with("archives/");
@@ -468,6 +521,11 @@ impl Verifier<'_> {
             }
         }
     }
+}
+
+/// The first names of a long list, for messages.
+fn cut_list(names: &[String]) -> Vec<&str> {
+    names.iter().take(20).map(String::as_str).collect()
 }
 
 struct HashWriter(Sha256);

@@ -8,6 +8,7 @@
 //! * [`keys`] loads, generates and uses the RSA repository key.
 //! * [`layout`] says where each file of a repository's tree goes, for the
 //!   publisher that writes them and every reader that checks them.
+//! * [`view`] says what each file must hold, derived from a package's index.
 //! * [`json`] holds the JSON documents of the `v1/` API, shared by the
 //!   publisher that writes them and the clients that read them.
 
@@ -15,6 +16,7 @@ pub mod codec;
 pub mod json;
 pub mod keys;
 pub mod layout;
+pub mod view;
 
 /// Generated protobuf types. See `proto/niso_registry.proto` for the field docs.
 #[allow(clippy::all, clippy::pedantic)]

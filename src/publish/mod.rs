@@ -1,47 +1,57 @@
 //! The publisher: the one code path that changes a repository's tree.
 //!
-//! Every change — an upload, a delete, a tag, a full rebuild — goes through
-//! [`Publisher`], which keeps the repository's packages in memory, applies the
-//! change, and hands ordered stages of file operations to the [`Store`]:
+//! Every change — uploads (one, or a group commit of many), a delete, a tag,
+//! a freshness refresh, a rebuild — is made the same way:
 //!
-//! 1. the archives, each created once (a second upload of the same file
-//!    loses);
-//! 2. `packages/NAME` and the package's `v1/` documents and links;
-//! 3. `versions`, `names`, `v1/packages/index.json`, the freshness bins,
-//!    then the signed freshness record, renamed into place in that order;
-//! 4. removals (archives of deleted releases, stale `v1/` files), after no
-//!    index names them any more.
+//! 1. **validate** it against the model (the repository's packages, kept in
+//!    memory) and **render** every file it changes, in memory;
+//! 2. write the **archives**, create-only (an archive never changes);
+//! 3. write each touched package's `niso/packages/NAME` (conditional on the
+//!    version this writer last read: the package's truth), then its Hex
+//!    `packages/NAME` and its `v1/` files;
+//! 4. write `versions`, `names`, `v1/packages/index.json`;
+//! 5. the touched **freshness bins**;
+//! 6. **`freshness`** last: the commit point for readers that want a
+//!    consistent snapshot;
+//! 7. remove what no index names any more (archives of deleted artifacts,
+//!    their `v1/` files).
 //!
-//! Each stage is durable before the next becomes visible, so a reader (or a
-//! crash) never sees an index that names a missing file. All rendering goes
-//! through [`render`], so N incremental publishes and one [`Publisher::rebuild`]
-//! give byte-identical indexes.
+//! Every mutable file is written with a conditional put against the version
+//! this writer last read. Another writer (a second `serve` on the same
+//! bucket, `build` beside `serve`) that got there first makes the put fail:
+//! the writer then reloads what changed (the versions of the shared files
+//! first, then the packages that differ), renders its change again on top,
+//! and retries. A writer renders the shared files from a model that holds
+//! everything the version it replaces was rendered from, so no release
+//! another writer acknowledged is ever dropped.
 //!
-//! A change is made in two steps. [`Publisher::prepare_batch`] (and the other
-//! `prepare` paths) check it, render and sign its files and apply it to the
-//! in-memory model, under the model's lock; [`Publisher::commit`] then writes
-//! it to the store, in the order the changes were prepared, without that lock.
-//! So while one batch waits for the disk the next one is already being signed
-//! (a pipelined group commit). If a write fails, every change prepared on top
-//! of it fails too, and the model is reloaded from the tree before the next.
+//! A crash at any point leaves archives that no index names yet, or
+//! indexes that are ahead of the files derived from them. [`Publisher::recover`]
+//! (run by `serve`, `build` and `publish` on start) finishes such changes:
+//! it adopts an archive no index names (it passed every check before it was
+//! written), removes one whose version was deleted (the delete was cut off),
+//! and rewrites every derived file that differs from what the indexes say.
+//! An upload retried with the same bytes is a success that changes nothing,
+//! so clients can retry safely.
 
-pub use crate::index::layout;
 pub mod render;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 
 use rayon::prelude::*;
 
 use crate::archive::{self, ArchiveError, ArchiveInfo, ArchiveKind};
 use crate::ident::{Arch, IdentError, PackageName, RepoName, TagName, Version};
 use crate::index::codec::{decode_index, CodecError};
+pub use crate::index::layout::{self, Layout};
 use crate::index::{pb, KeyError, Signer};
 use crate::limits::Limits;
-use crate::store::{Op, Store, StoreError, TreePath};
-pub use layout::Layout;
-use render::Digest256;
+use crate::store::{Body, ObjectVersion, PutMode, Store, StoreError, TreePath};
+use render::{Content, Digest256, FileOut};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -51,8 +61,9 @@ pub enum PublishError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
-    /// Not applied because a change prepared before it failed to be written.
-    #[error("not applied: an earlier write to the tree failed ({0}); try again")]
+    /// The tree could not be written; nothing acknowledged was lost, and the
+    /// change may be retried.
+    #[error("not applied: writing the tree failed ({0}); try again")]
     Aborted(String),
     #[error(transparent)]
     Ident(#[from] IdentError),
@@ -66,6 +77,15 @@ pub enum PublishError {
     Index { path: String, source: CodecError },
     #[error("rebuild refused, nothing was changed:\n{}", .0.join("\n"))]
     Rebuild(Vec<String>),
+}
+
+impl From<crate::index::view::ViewError> for PublishError {
+    fn from(e: crate::index::view::ViewError) -> Self {
+        match e {
+            crate::index::view::ViewError::Ident(e) => PublishError::Ident(e),
+            crate::index::view::ViewError::Path(e) => PublishError::Store(e),
+        }
+    }
 }
 
 /// Settings of a publisher.
@@ -92,18 +112,36 @@ pub struct PublisherSignature {
     pub key_id: String,
 }
 
+/// The local file an upload's bytes are in. An owned temp file lives as
+/// long as the upload does (not as long as the request that brought it:
+/// a client that hangs up does not take the file away from the change).
+#[derive(Debug)]
+pub enum StagedFile {
+    Owned(tempfile::TempPath),
+    /// A file the caller keeps (`niso registry publish FILE`).
+    Borrowed(PathBuf),
+}
+
+impl StagedFile {
+    pub fn path(&self) -> &Path {
+        match self {
+            StagedFile::Owned(t) => t,
+            StagedFile::Borrowed(p) => p,
+        }
+    }
+}
+
 /// One archive to add: inspected, staged on local disk.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Upload {
     pub info: ArchiveInfo,
-    /// The archive's bytes, in a local file the store can link or copy from.
-    pub staged: PathBuf,
+    pub staged: StagedFile,
     /// Unix seconds.
     pub uploaded_at: i64,
     pub signature: Option<PublisherSignature>,
 }
 
-/// What a successful publish added.
+/// What a successful publish added (or found already published).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub name: PackageName,
@@ -112,9 +150,13 @@ pub struct Published {
     pub path: TreePath,
     pub sha256: [u8; 32],
     pub size: u64,
+    /// Unix seconds of the first upload of these bytes.
+    pub uploaded_at: i64,
+    /// False when the same bytes were already published (a retry).
+    pub created: bool,
 }
 
-/// What a rebuild did.
+/// What a rebuild or a recovery did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RebuildReport {
     pub packages: usize,
@@ -122,125 +164,128 @@ pub struct RebuildReport {
     pub artifacts: usize,
     pub files_written: usize,
     pub files_removed: usize,
+    /// Archives no index named, now published.
+    pub adopted: Vec<String>,
+    /// Archives removed: of deleted versions, or refused by the checks.
+    pub discarded: Vec<String>,
 }
 
-/// The in-memory model of the repository, as the prepared changes left it.
-struct State {
-    packages: BTreeMap<String, pb::Package>,
-    /// Each package's pre-encoded share of `versions`, `names` and the v1
-    /// list, same keys as `packages`, in the groups the global files are
-    /// made of.
+/// The global files this writer keeps versions of, besides the bins.
+const GLOBALS: [&str; 5] = [
+    layout::VERSIONS,
+    layout::NAMES,
+    layout::V1_INDEX,
+    layout::PUBLIC_KEY,
+    layout::FRESHNESS,
+];
+
+/// How often a change is tried again after losing to another writer.
+const MAX_ATTEMPTS: usize = 32;
+
+/// How many objects are written or read at once.
+const PARALLEL: usize = 16;
+
+/// One package in the model.
+#[derive(Debug, Clone)]
+struct Entry {
+    index: pb::Package,
+    /// The version of `niso/packages/NAME` this writer last read or wrote
+    /// (`None`: not in the tree yet).
+    version: Option<ObjectVersion>,
+    /// Digests of the package's index files, by path relative to the
+    /// repository (for its freshness bin).
+    digests: BTreeMap<String, Digest256>,
+    /// Its freshness bin.
+    bin: u8,
+}
+
+/// The repository as this writer knows it.
+#[derive(Default)]
+struct Model {
+    packages: BTreeMap<String, Entry>,
     rows: render::Rows,
-    /// The digest of each `packages/NAME`, by name, in its freshness bin
-    /// ([`render::FRESHNESS_BINS`] of them).
-    bins: Vec<BTreeMap<String, Digest256>>,
-    /// What `freshness` lists: `names`, `versions` and each bin file, by path
-    /// relative to the repository.
-    top: BTreeMap<String, Digest256>,
-    /// Bins whose file in the tree is missing or stale (a tree written
-    /// before bins existed): written by the next change.
-    dirty_bins: BTreeSet<u8>,
-    /// Whether the tree's `public_key` is this signer's.
-    key_written: bool,
+    cache: render::GlobalCache,
+    /// Version of each global file and bin (relative path) as last read or
+    /// written; absent from the map: never read; `None`: known missing.
+    seen: HashMap<String, Option<ObjectVersion>>,
+    /// Digest of each global file and bin as last written or read.
+    written: HashMap<String, Digest256>,
     generation: u64,
-    /// Sequence number of the next prepared change.
-    next_seq: u64,
-    /// Bumped each time the model is reloaded after a failed write.
-    epoch: u64,
+    /// A write failed half way: the tree must be reconciled before the next
+    /// change.
+    dirty: bool,
 }
 
-impl State {
-    fn empty() -> Self {
-        Self {
-            packages: BTreeMap::new(),
-            rows: render::Rows::default(),
-            bins: vec![BTreeMap::new(); render::FRESHNESS_BINS],
-            top: BTreeMap::new(),
-            dirty_bins: BTreeSet::new(),
-            key_written: false,
-            generation: 0,
-            next_seq: 0,
-            epoch: 0,
-        }
-    }
-}
 
-/// Orders commits: each waits for the one prepared before it.
+/// A change as rendered: the packages it gives new content, the archives it
+/// creates (already written by the caller) and removes.
 #[derive(Default)]
-struct Queue {
-    state: Mutex<QueueState>,
-    turn: Condvar,
+struct Plan {
+    packages: BTreeMap<String, pb::Package>,
+    /// Archives to remove once no index names them.
+    removals: Vec<TreePath>,
+    /// Write the freshness record even if nothing else changed.
+    refresh: bool,
 }
 
-#[derive(Default)]
-struct QueueState {
-    /// Every change with a lower sequence number has been committed or
-    /// failed.
-    done: u64,
-    /// The epoch of a failed write, with its error: changes prepared in that
-    /// epoch were built on it and must not be written.
-    broken: Option<(u64, String)>,
+/// Why writing a change stopped.
+enum WriteError {
+    /// Another writer changed a file first: reload and try again.
+    Conflict(String),
+    Failed(PublishError),
 }
 
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn finish(&self, seq: u64, epoch: u64, error: Option<String>) {
-        let mut q = self.lock();
-        if let Some(e) = error {
-            // The first failure of an epoch is the cause of the others.
-            if q.broken.as_ref().is_none_or(|(b, _)| *b != epoch) {
-                q.broken = Some((epoch, e));
+impl From<StoreError> for WriteError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Precondition { path } | StoreError::AlreadyExists { path } => {
+                WriteError::Conflict(path)
             }
-        }
-        q.done = q.done.max(seq + 1);
-        self.turn.notify_all();
-    }
-}
-
-/// A change that is in the model but not yet in the tree: hand it to
-/// [`Publisher::commit`]. Dropping it instead counts as a failed write.
-#[must_use = "a prepared change must be committed"]
-pub struct Prepared {
-    seq: u64,
-    epoch: u64,
-    stages: Vec<Vec<Op>>,
-    queue: Arc<Queue>,
-    finished: bool,
-}
-
-impl Prepared {
-    /// How many file operations the change makes.
-    pub fn ops(&self) -> usize {
-        self.stages.iter().map(Vec::len).sum()
-    }
-}
-
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.queue.finish(
-                self.seq,
-                self.epoch,
-                Some("a prepared change was dropped".into()),
-            );
+            other => WriteError::Failed(other.into()),
         }
     }
 }
 
-/// A prepared batch of uploads: each upload's own outcome, valid once the
-/// batch is committed.
-pub struct PreparedBatch {
-    results: Vec<Result<Published, PublishError>>,
-    prepared: Option<Prepared>,
+impl From<PublishError> for WriteError {
+    fn from(e: PublishError) -> Self {
+        WriteError::Failed(e)
+    }
 }
 
-/// One package's new content (`None`: the package is gone).
-struct Change {
-    name: String,
-    new: Option<pb::Package>,
+/// Milliseconds, for timings in logs.
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 1e2
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs `futs`, at most [`PARALLEL`] at once; results in order. (The
+/// futures are made before the stream, so it holds no closure that borrows:
+/// the future stays `Send`.)
+async fn all<T, F: std::future::Future<Output = T>>(futs: Vec<F>) -> Vec<T> {
+    stream::iter(futs).buffered(PARALLEL).collect().await
+}
+
+/// [`all`], stopping at the first error.
+async fn try_all<T, E, F: std::future::Future<Output = Result<T, E>>>(
+    futs: Vec<F>,
+) -> Result<Vec<T>, E> {
+    stream::iter(futs).buffered(PARALLEL).try_collect().await
+}
+
+/// Runs CPU-heavy work (signing) without stalling the async threads.
+fn cpu<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 /// Publishes into one repository (the root one, or an organization's).
@@ -251,36 +296,14 @@ pub struct Publisher {
     layout: Layout,
     options: Options,
     clock: fn() -> i64,
-    state: Mutex<State>,
-    queue: Arc<Queue>,
-    /// The deflated groups of the last `versions` and `names`. Only ever
-    /// locked while `state` is (or by a rebuild, which holds the tree).
-    global_cache: Mutex<render::GlobalCache>,
-}
-
-/// Milliseconds, for timings in logs.
-pub(crate) fn ms(d: std::time::Duration) -> f64 {
-    (d.as_secs_f64() * 1e5).round() / 1e2
-}
-
-/// `f()`, and how long it took.
-fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
-    let started = std::time::Instant::now();
-    let out = f();
-    (out, started.elapsed())
-}
-
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    model: tokio::sync::Mutex<Model>,
 }
 
 impl Publisher {
     /// Opens the repository, loading and verifying its current indexes. An
-    /// empty tree is an empty repository.
-    pub fn open(
+    /// empty tree is an empty repository. Call [`Publisher::recover`] before
+    /// the first change when another process may have been cut off.
+    pub async fn open(
         store: Arc<dyn Store>,
         signer: Arc<dyn Signer>,
         repository: RepoName,
@@ -294,21 +317,11 @@ impl Publisher {
             layout,
             options,
             clock: unix_now,
-            state: Mutex::new(State::empty()),
-            queue: Arc::default(),
-            global_cache: Mutex::default(),
+            model: tokio::sync::Mutex::new(Model::default()),
         };
-        let loaded = this.load()?;
-        *this.lock() = loaded;
+        let loaded = this.load().await?;
+        *this.model.lock().await = loaded;
         Ok(this)
-    }
-
-    /// The cache of deflated `versions`/`names` groups. Its entries are
-    /// checked before use, so one left behind by a panic is still sound.
-    fn global_cache(&self) -> MutexGuard<'_, render::GlobalCache> {
-        self.global_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Replaces the clock (tests).
@@ -333,29 +346,19 @@ impl Publisher {
         &self.options.limits
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock may leave the model ahead of the
-        // tree; the tree itself is always consistent, so carry on.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The current index of one package (niso's: every release).
+    pub async fn package(&self, name: &str) -> Option<pb::Package> {
+        self.model
+            .lock()
+            .await
+            .packages
+            .get(name)
+            .map(|e| e.index.clone())
     }
 
-    /// The model's lock, with the model reloaded from the tree first if a
-    /// write it was ahead of has failed.
-    fn lock_current(&self) -> Result<MutexGuard<'_, State>, PublishError> {
-        let mut state = self.lock();
-        let broken = self.queue.lock().broken.clone();
-        if let Some((epoch, error)) = broken {
-            if epoch == state.epoch {
-                tracing::warn!(%error, "a write to the tree failed; reloading the indexes");
-                let mut fresh = self.load()?;
-                fresh.next_seq = state.next_seq;
-                // `broken` stays set: changes of the old epoch still
-                // waiting for their turn must find it and not write.
-                fresh.epoch = state.epoch + 1;
-                *state = fresh;
-            }
-        }
-        Ok(state)
+    /// Every package name.
+    pub async fn package_names(&self) -> Vec<String> {
+        self.model.lock().await.packages.keys().cloned().collect()
     }
 
     fn decode<M: crate::index::codec::IndexMessage>(
@@ -375,277 +378,440 @@ impl Publisher {
         })
     }
 
-    fn load(&self) -> Result<State, PublishError> {
-        let mut state = State::empty();
-        let fresh_path = self.layout.path(layout::FRESHNESS)?;
-        if let Some(bytes) = self.store.get(&fresh_path)? {
-            let f: pb::Freshness = self.decode(&fresh_path, &bytes)?;
-            state.generation = f.generation;
-        }
-        let key_path = self.layout.path(layout::PUBLIC_KEY)?;
-        state.key_written =
-            self.store.get(&key_path)?.as_deref() == Some(self.public_key_pem().as_slice());
-        let names_path = self.layout.path(layout::NAMES)?;
-        let Some(names_bytes) = self.store.get(&names_path)? else {
-            return Ok(state);
-        };
-        let names: pb::Names = self.decode(&names_path, &names_bytes)?;
-        state
-            .top
-            .insert(layout::NAMES.into(), Digest256::of(&names_bytes));
-        let versions_path = self.layout.path(layout::VERSIONS)?;
-        if let Some(b) = self.store.get(&versions_path)? {
-            state.top.insert(layout::VERSIONS.into(), Digest256::of(&b));
-        }
-        let mut rows = BTreeMap::new();
-        for entry in names.packages {
-            let name = PackageName::new(&entry.name)?;
-            let path = self.layout.package(&name)?;
-            let bytes = self.store.get(&path)?.ok_or_else(|| {
-                PublishError::Invalid(format!("{names_path} names {name} but {path} is missing"))
-            })?;
-            let pkg: pb::Package = self.decode(&path, &bytes)?;
-            state.bins[usize::from(render::bin_of(&entry.name))]
-                .insert(entry.name.clone(), Digest256::of(&bytes));
-            rows.insert(entry.name.clone(), render::row(&pkg));
-            state.packages.insert(entry.name, pkg);
-        }
-        state.rows = render::Rows::new(rows);
-        // The bins as the tree should hold them; any that differ are
-        // rewritten by the next change.
-        for (bin, digests) in state.bins.iter().enumerate() {
-            if digests.is_empty() {
-                continue;
-            }
-            let bin = bin as u8;
-            let bytes = self.bin_file(bin, digests, &mut state.top);
-            if self.store.get(&self.layout.freshness_bin(bin)?)?.as_deref() != Some(&bytes[..]) {
-                state.dirty_bins.insert(bin);
-            }
-        }
-        Ok(state)
-    }
-
     fn public_key_pem(&self) -> Vec<u8> {
         self.signer.public_key().to_pem().into_bytes()
     }
 
-    /// The current index of one package.
-    pub fn package(&self, name: &str) -> Option<pb::Package> {
-        self.lock().packages.get(name).cloned()
+    // ---------------------------------------------------------------
+    // Loading
+
+    /// Reads the whole repository: every `niso/packages/NAME` (a tree
+    /// written before those existed is read from Hex's indexes, and marked
+    /// for recovery), the versions of the shared files, the generation.
+    async fn load(&self) -> Result<Model, PublishError> {
+        let mut model = Model::default();
+        self.read_globals(&mut model).await?;
+        let listed = self
+            .store
+            .list_versions(&self.layout.dir(layout::NISO_PACKAGES_DIR))
+            .await?;
+        if listed.is_empty() {
+            self.load_legacy(&mut model).await?;
+        } else {
+            self.read_packages(&mut model, listed).await?;
+        }
+        model.rows = render::Rows::new(
+            model
+                .packages
+                .iter()
+                .map(|(n, e)| (n.clone(), render::row(&e.index)))
+                .collect(),
+        );
+        Ok(model)
     }
 
-    /// Every package name.
-    pub fn package_names(&self) -> Vec<String> {
-        self.lock().packages.keys().cloned().collect()
+    /// The versions of the global files and bins, and the generation.
+    async fn read_globals(&self, model: &mut Model) -> Result<(), PublishError> {
+        let mut rels: Vec<String> = GLOBALS.iter().map(|s| s.to_string()).collect();
+        rels.extend((0..=255u8).map(Layout::freshness_bin_rel));
+        let reads: Vec<_> = rels
+            .into_iter()
+            .map(|rel| async move {
+                let path = self.layout.path(&rel)?;
+                let got = self.store.get(&path).await?;
+                Ok::<_, PublishError>((
+                    rel,
+                    got.map(|o| (o.meta.version, Digest256::of(&o.bytes))),
+                ))
+            })
+            .collect();
+        let read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
+        model.seen.clear();
+        model.written.clear();
+        for (rel, got) in read {
+            match got {
+                Some((v, d)) => {
+                    model.seen.insert(rel.clone(), Some(v));
+                    model.written.insert(rel, d);
+                }
+                None => {
+                    model.seen.insert(rel, None);
+                }
+            }
+        }
+        let fresh_path = self.layout.path(layout::FRESHNESS)?;
+        if let Some(o) = self.store.get(&fresh_path).await? {
+            let f: pb::Freshness = self.decode(&fresh_path, &o.bytes)?;
+            model.generation = model.generation.max(f.generation);
+        }
+        Ok(())
     }
+
+    /// Fetches the packages of `listed` whose version differs from the
+    /// model's, and drops the model's packages not listed.
+    async fn read_packages(
+        &self,
+        model: &mut Model,
+        listed: Vec<(TreePath, ObjectVersion)>,
+    ) -> Result<Vec<String>, PublishError> {
+        let prefix = format!("{}/", self.layout.dir(layout::NISO_PACKAGES_DIR));
+        let mut present = BTreeSet::new();
+        let mut stale = Vec::new();
+        for (path, version) in listed {
+            let Some(name) = path.as_str().strip_prefix(&prefix) else {
+                continue;
+            };
+            if name.contains('/') {
+                continue;
+            }
+            present.insert(name.to_string());
+            let same = model
+                .packages
+                .get(name)
+                .is_some_and(|e| e.version.as_ref() == Some(&version));
+            if !same {
+                stale.push(name.to_string());
+            }
+        }
+        let reads: Vec<_> = stale
+            .into_iter()
+            .map(|name| async move {
+                let entry = self.read_package(&name).await?;
+                Ok::<_, PublishError>((name, entry))
+            })
+            .collect();
+        let fetched: Vec<(String, Entry)> = try_all(reads)
+            .await?
+            .into_iter()
+            .filter_map(|(n, e)| e.map(|e| (n, e)))
+            .collect();
+        let mut changed: Vec<String> = model
+            .packages
+            .keys()
+            .filter(|n| !present.contains(*n))
+            .cloned()
+            .collect();
+        for n in &changed {
+            model.packages.remove(n);
+        }
+        for (name, entry) in fetched {
+            changed.push(name.clone());
+            model.packages.insert(name, entry);
+        }
+        Ok(changed)
+    }
+
+    /// One package's niso index (verified) and the digests of its indexes.
+    async fn read_package(&self, name: &str) -> Result<Option<Entry>, PublishError> {
+        let pname = PackageName::new(name)?;
+        let path = self.layout.niso_package(&pname)?;
+        let Some(obj) = self.store.get(&path).await? else {
+            return Ok(None);
+        };
+        let index: pb::Package = self.decode(&path, &obj.bytes)?;
+        if index.name != name {
+            return Err(PublishError::Invalid(format!(
+                "{path} holds the index of {:?}",
+                index.name
+            )));
+        }
+        let mut digests = BTreeMap::new();
+        digests.insert(
+            format!("{}/{name}", layout::NISO_PACKAGES_DIR),
+            Digest256::of(&obj.bytes),
+        );
+        if render::hex_view(&index).is_some() {
+            let hex = self.layout.package(&pname)?;
+            if let Some(h) = self.store.get(&hex).await? {
+                digests.insert(
+                    format!("{}/{name}", layout::PACKAGES_DIR),
+                    Digest256::of(&h.bytes),
+                );
+            }
+        }
+        Ok(Some(Entry {
+            bin: render::bin_of(name),
+            index,
+            version: Some(obj.meta.version),
+            digests,
+        }))
+    }
+
+    /// A tree written before `niso/packages/` existed: every release is in
+    /// Hex's `packages/NAME`. Recovery writes the niso indexes.
+    async fn load_legacy(&self, model: &mut Model) -> Result<(), PublishError> {
+        let names_path = self.layout.path(layout::NAMES)?;
+        let Some(obj) = self.store.get(&names_path).await? else {
+            return Ok(());
+        };
+        let names: pb::Names = self.decode(&names_path, &obj.bytes)?;
+        for entry in names.packages {
+            let name = PackageName::new(&entry.name)?;
+            let path = self.layout.package(&name)?;
+            let bytes = self.store.get(&path).await?.ok_or_else(|| {
+                PublishError::Invalid(format!("{names_path} names {name} but {path} is missing"))
+            })?;
+            let index: pb::Package = self.decode(&path, &bytes.bytes)?;
+            model.packages.insert(
+                entry.name.clone(),
+                Entry {
+                    bin: render::bin_of(&entry.name),
+                    index,
+                    version: None,
+                    digests: BTreeMap::new(),
+                },
+            );
+        }
+        model.dirty = !model.packages.is_empty();
+        Ok(())
+    }
+
+    /// After losing to another writer: the versions of the shared files
+    /// first, then the packages (so the model holds at least what those
+    /// versions were rendered from).
+    async fn reload(&self, model: &mut Model) -> Result<(), PublishError> {
+        self.read_globals(model).await?;
+        let listed = self
+            .store
+            .list_versions(&self.layout.dir(layout::NISO_PACKAGES_DIR))
+            .await?;
+        let changed = self.read_packages(model, listed).await?;
+        let rows: render::RowChanges = changed
+            .iter()
+            .map(|n| (n.clone(), model.packages.get(n).map(|e| render::row(&e.index))))
+            .collect();
+        let regrouped = model.rows.regroup(&rows);
+        model.rows.apply(rows, regrouped);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------
+    // Changes
 
     /// Publishes one archive.
-    pub fn publish(&self, upload: Upload) -> Result<Published, PublishError> {
+    pub async fn publish(&self, upload: Upload) -> Result<Published, PublishError> {
         self.publish_batch(vec![upload])
+            .await
             .pop()
             .unwrap_or_else(|| Err(PublishError::Invalid("empty batch".into())))
     }
 
-    /// Publishes several archives with one rewrite of `versions` and `names`
-    /// (group commit). Each upload succeeds or fails on its own; a failure of
-    /// the shared write fails them all.
-    pub fn publish_batch(&self, uploads: Vec<Upload>) -> Vec<Result<Published, PublishError>> {
-        self.commit_batch(self.prepare_batch(uploads))
-    }
-
-    /// The first half of [`Publisher::publish_batch`]: checks the uploads and
-    /// prepares one change for those that pass.
-    pub fn prepare_batch(&self, uploads: Vec<Upload>) -> PreparedBatch {
-        let mut state = match self.lock_current() {
-            Ok(s) => s,
-            Err(e) => {
-                let msg = e.to_string();
-                return PreparedBatch {
-                    results: uploads
-                        .iter()
-                        .map(|_| Err(PublishError::Aborted(msg.clone())))
-                        .collect(),
-                    prepared: None,
-                };
+    /// Publishes several archives with one rewrite of the shared files
+    /// (group commit). Each upload succeeds or fails on its own; a failure
+    /// to write the shared files fails those that were not yet published.
+    pub async fn publish_batch(&self, uploads: Vec<Upload>) -> Vec<Result<Published, PublishError>> {
+        let mut model = self.model.lock().await;
+        if let Err(e) = self.ensure_clean(&mut model).await {
+            let msg = e.to_string();
+            return uploads
+                .iter()
+                .map(|_| Err(PublishError::Aborted(msg.clone())))
+                .collect();
+        }
+        // First the archives of every upload that fits the model, each on
+        // its own (one refused upload does not hold up the others).
+        let mut results: Vec<Option<Result<Published, PublishError>>> =
+            uploads.iter().map(|_| None).collect();
+        let mut created = Vec::new();
+        {
+            let model = &*model;
+            let futs: Vec<_> = uploads
+                .iter()
+                .map(|up| self.write_archive(model, up))
+                .collect();
+            let checks: Vec<Result<Option<TreePath>, PublishError>> = all(futs).await;
+            for (i, check) in checks.into_iter().enumerate() {
+                match check {
+                    Ok(Some(path)) => created.push((i, path)),
+                    Ok(None) => {}
+                    Err(e) => results[i] = Some(Err(e)),
+                }
             }
-        };
-        let mut results: Vec<Result<Published, PublishError>> = Vec::with_capacity(uploads.len());
-        let mut scratch: BTreeMap<String, pb::Package> = BTreeMap::new();
-        let mut creates = Vec::new();
-        for up in &uploads {
-            let r = self
-                .stage_artifact(&state.packages, &mut scratch, up)
-                .map(|path| {
-                    creates.push(Op::Create {
-                        path: path.clone(),
-                        staged: up.staged.clone(),
-                    });
-                    Published {
-                        name: up.info.name.clone(),
-                        version: up.info.version.clone(),
-                        arch: up.info.arch.clone(),
-                        path,
-                        sha256: up.info.sha256,
-                        size: up.info.size,
+        }
+        // Then the indexes, for all of them at once.
+        let outcome = self
+            .apply(&mut model, |model| {
+                let mut plan = Plan::default();
+                let mut out = Vec::with_capacity(uploads.len());
+                for (i, up) in uploads.iter().enumerate() {
+                    if results[i].is_some() {
+                        out.push(None);
+                        continue;
                     }
-                });
-            results.push(r);
-        }
-        if scratch.is_empty() {
-            return PreparedBatch {
-                results,
-                prepared: None,
-            };
-        }
-        let changes = scratch
-            .into_iter()
-            .map(|(name, pkg)| Change {
-                name,
-                new: Some(pkg),
+                    out.push(Some(self.merge_upload(model, &mut plan, up)));
+                }
+                Ok((plan, out))
             })
-            .collect();
-        match self.prepare_changes(&mut state, changes, creates, Vec::new()) {
-            Ok(prepared) => PreparedBatch {
-                results,
-                prepared: Some(prepared),
-            },
+            .await;
+        match outcome {
+            Ok(out) => {
+                for (i, r) in out.into_iter().enumerate() {
+                    if let Some(mut r) = r {
+                        // Written by this call, though a retry after losing
+                        // to another writer found it in place.
+                        if let Ok(p) = &mut r {
+                            p.created |= created.iter().any(|(j, _)| *j == i);
+                        }
+                        results[i] = Some(r);
+                    }
+                }
+            }
             Err(e) => {
                 let msg = e.to_string();
-                for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(PublishError::Aborted(msg.clone()));
-                }
-                PreparedBatch {
-                    results,
-                    prepared: None,
+                for r in results.iter_mut().filter(|r| r.is_none()) {
+                    *r = Some(Err(PublishError::Aborted(msg.clone())));
                 }
             }
         }
-    }
-
-    /// The second half of [`Publisher::publish_batch`].
-    pub fn commit_batch(&self, batch: PreparedBatch) -> Vec<Result<Published, PublishError>> {
-        let PreparedBatch {
-            mut results,
-            prepared,
-        } = batch;
-        if let Some(prepared) = prepared {
-            if let Err(e) = self.commit(prepared) {
-                let msg = e.to_string();
-                for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(match &e {
-                        PublishError::Aborted(m) => PublishError::Aborted(m.clone()),
-                        _ => PublishError::Aborted(msg.clone()),
-                    });
+        // An archive this call created for an upload that ended refused is
+        // named by no index: take it away again. (Not after a failed write:
+        // an index may name it already; recovery decides.)
+        for (i, path) in created {
+            if matches!(results[i], Some(Err(ref e)) if !matches!(e, PublishError::Aborted(_))) {
+                let named = model
+                    .packages
+                    .values()
+                    .any(|e| names_archive(&e.index, &self.layout, &path));
+                if !named {
+                    let _ = self.store.delete(&path).await;
                 }
             }
         }
         results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(PublishError::Invalid("not processed".into()))))
+            .collect()
     }
 
-    /// Writes a prepared change to the tree, after every change prepared
-    /// before it.
-    pub fn commit(&self, mut prepared: Prepared) -> Result<(), PublishError> {
-        // The new bytes are written and synced before the turn comes: they
-        // stay invisible until published, so this overlaps the change
-        // before, which is still being published.
-        let started = std::time::Instant::now();
-        let staged = self.store.stage(&prepared.stages);
-        let staged_at = started.elapsed();
-        let broken = {
-            let mut q = self.queue.lock();
-            while q.done < prepared.seq {
-                q = self.queue.turn.wait(q).unwrap_or_else(|e| e.into_inner());
-            }
-            q.broken
-                .as_ref()
-                .filter(|(epoch, _)| *epoch == prepared.epoch)
-                .map(|(_, e)| e.clone())
-        };
-        let turn_at = started.elapsed();
-        let result = match (broken, staged) {
-            (Some(e), _) => Err(PublishError::Aborted(e)),
-            (None, Err(e)) => Err(e.into()),
-            (None, Ok(staged)) => staged.publish().map_err(PublishError::from),
-        };
-        // Where a commit's time goes: writing and syncing the new bytes,
-        // waiting for the change before it, making it visible.
-        tracing::debug!(
-            seq = prepared.seq,
-            ops = prepared.ops(),
-            stage_ms = ms(staged_at),
-            wait_ms = ms(turn_at - staged_at),
-            publish_ms = ms(started.elapsed() - turn_at),
-            "commit"
-        );
-        let error = match &result {
-            Ok(()) => None,
-            Err(PublishError::Aborted(e)) => Some(e.clone()),
-            Err(e) => {
-                tracing::error!(error = %e, "writing to the tree failed");
-                Some(e.to_string())
-            }
-        };
-        self.queue.finish(prepared.seq, prepared.epoch, error);
-        prepared.finished = true;
-        result
-    }
-
-    /// Merges one upload into `scratch` (copies of the packages a batch
-    /// touches), leaving `scratch` unchanged if it is refused. Returns the
-    /// archive's path in the tree.
-    fn stage_artifact(
+    /// Checks an upload against the model and creates its archive. `Some`:
+    /// this call created the archive; `None`: the same bytes are already
+    /// there (a retry, or published already).
+    async fn write_archive(
         &self,
-        packages: &BTreeMap<String, pb::Package>,
-        scratch: &mut BTreeMap<String, pb::Package>,
-        upload: &Upload,
-    ) -> Result<TreePath, PublishError> {
-        let info = &upload.info;
-        let name = info.name.as_str();
-        if !packages.contains_key(name) && !scratch.contains_key(name) {
-            check_confusable(packages, &info.name)?;
-            check_confusable(scratch, &info.name)?;
+        model: &Model,
+        up: &Upload,
+    ) -> Result<Option<TreePath>, PublishError> {
+        let info = &up.info;
+        if let Some(existing) = find_artifact(model, info) {
+            return if existing.sha256 == info.sha256 {
+                Ok(None)
+            } else {
+                Err(already_published(info))
+            };
         }
-        let mut pkg = match scratch.get(name).or_else(|| packages.get(name)) {
-            Some(p) => p.clone(),
-            None => pb::Package {
-                name: name.to_string(),
-                repository: self.repository.to_string(),
-                ..Default::default()
-            },
-        };
-        let artifact = artifact_from(info, upload.uploaded_at, upload.signature.as_ref());
-        merge_artifact(&mut pkg, info, artifact)?;
+        check_tombstone(model, info)?;
         let path = self.layout.path(&info.tree_path())?;
-        // Not in any index, yet in the tree: left by a publish that was
-        // interrupted before its indexes were written.
-        if self.store.exists(&path)? {
-            return Err(PublishError::Conflict(format!(
-                "{path} already exists in the tree, though no index names it \
-                 (an interrupted publish?); `niso registry build` adopts it"
-            )));
+        let attrs = layout::attributes(path.as_str(), None);
+        match self
+            .store
+            .put(
+                &path,
+                Body::File(up.staged.path().to_path_buf()),
+                &attrs,
+                PutMode::Create,
+            )
+            .await
+        {
+            Ok(_) => Ok(Some(path)),
+            // Left by a change that was cut off (or by another writer's
+            // identical upload): fine if it holds these bytes.
+            Err(StoreError::AlreadyExists { .. }) => {
+                if self.archive_sha256(&path).await? == Some(info.sha256) {
+                    Ok(None)
+                } else {
+                    Err(PublishError::Conflict(format!(
+                        "{path} already exists with other bytes (another upload of {} {} ({}) \
+                         is being published)",
+                        info.name, info.version, info.arch
+                    )))
+                }
+            }
+            Err(e) => Err(e.into()),
         }
-        render::normalize(&mut pkg);
-        scratch.insert(name.to_string(), pkg);
-        Ok(path)
     }
 
-    /// Removes one artifact; a release without artifacts disappears, with the
-    /// tags that pointed at it, and a package without releases disappears.
-    pub fn delete(
+    /// SHA-256 of an object, read as a stream.
+    async fn archive_sha256(&self, path: &TreePath) -> Result<Option<[u8; 32]>, PublishError> {
+        use sha2::Digest;
+        let Some((_, mut s)) = self.store.get_stream(path).await? else {
+            return Ok(None);
+        };
+        let mut h = sha2::Sha256::new();
+        while let Some(chunk) = s.next().await {
+            h.update(&chunk?);
+        }
+        Ok(Some(h.finalize().into()))
+    }
+
+    /// Merges one upload into `plan` (on copies of the packages it
+    /// touches).
+    fn merge_upload(
+        &self,
+        model: &Model,
+        plan: &mut Plan,
+        up: &Upload,
+    ) -> Result<Published, PublishError> {
+        let info = &up.info;
+        let path = self.layout.path(&info.tree_path())?;
+        let name = info.name.as_str();
+        let current = plan
+            .packages
+            .get(name)
+            .or_else(|| model.packages.get(name).map(|e| &e.index));
+        let published = |uploaded_at, created| Published {
+            name: info.name.clone(),
+            version: info.version.clone(),
+            arch: info.arch.clone(),
+            path: path.clone(),
+            sha256: info.sha256,
+            size: info.size,
+            uploaded_at,
+            created,
+        };
+        if let Some(a) = current.and_then(|p| artifact_in(p, info)) {
+            return if a.sha256 == info.sha256 {
+                Ok(published(a.uploaded_at, false))
+            } else {
+                Err(already_published(info))
+            };
+        }
+        if current.is_none() {
+            check_confusable(model.packages.keys(), &info.name)?;
+            check_confusable(plan.packages.keys(), &info.name)?;
+        }
+        let mut pkg = current.cloned().unwrap_or_else(|| pb::Package {
+            name: name.to_string(),
+            repository: self.repository.to_string(),
+            ..Default::default()
+        });
+        // A deleted artifact may come back only with the bytes it had.
+        restore_tombstone(&mut pkg, info)?;
+        let artifact = artifact_from(info, up.uploaded_at, up.signature.as_ref());
+        merge_artifact(&mut pkg, info, artifact)?;
+        render::normalize(&mut pkg);
+        plan.packages.insert(name.to_string(), pkg);
+        Ok(published(up.uploaded_at, true))
+    }
+
+    /// Removes one artifact, leaving a tombstone with its SHA-256: its
+    /// (version, arch) can never serve other bytes. A release without
+    /// artifacts disappears, with the tags that pointed at it.
+    pub async fn delete(
         &self,
         name: &PackageName,
         version: &Version,
         arch: &Arch,
     ) -> Result<(), PublishError> {
-        let prepared = {
-            let mut state = self.lock_current()?;
+        let mut model = self.model.lock().await;
+        self.ensure_clean(&mut model).await?;
+        let now = (self.clock)();
+        self.apply(&mut model, |model| {
             let not_found =
                 || PublishError::NotFound(format!("{name} {version} ({arch}) is not published"));
-            let mut pkg = state
+            let mut pkg = model
                 .packages
                 .get(name.as_str())
-                .cloned()
+                .map(|e| e.index.clone())
                 .ok_or_else(not_found)?;
             let ri = pkg
                 .releases
@@ -659,7 +825,7 @@ impl Publisher {
                 .position(|a| a.arch == arch.as_str())
                 .ok_or_else(not_found)?;
             let removed = release.artifacts.remove(ai);
-            if removed.path.starts_with(layout::TARBALLS_DIR) {
+            if render::is_hex(&removed) {
                 release.inner_checksum.clear();
                 release.outer_checksum = None;
                 release.dependencies.clear();
@@ -668,32 +834,37 @@ impl Publisher {
                 pkg.releases.remove(ri);
                 pkg.tags.retain(|t| t.version != version.as_str());
             }
+            pkg.tombstones.push(pb::Tombstone {
+                version: version.to_string(),
+                arch: arch.to_string(),
+                sha256: removed.sha256.clone(),
+                deleted_at: now,
+            });
             render::normalize(&mut pkg);
-            let change = Change {
-                name: name.to_string(),
-                new: (!pkg.releases.is_empty()).then_some(pkg),
-            };
-            let removals = vec![Op::Remove {
-                path: self.layout.path(&removed.path)?,
-            }];
-            self.prepare_changes(&mut state, vec![change], Vec::new(), removals)?
-        };
-        self.commit(prepared)
+            let mut plan = Plan::default();
+            plan.removals.push(self.layout.path(&removed.path)?);
+            plan.packages.insert(name.to_string(), pkg);
+            Ok((plan, ()))
+        })
+        .await
     }
 
     /// Points `tag` at `version` (creating or moving it).
-    pub fn set_tag(
+    pub async fn set_tag(
         &self,
         name: &PackageName,
         tag: &TagName,
         version: &Version,
     ) -> Result<(), PublishError> {
-        let prepared = {
-            let mut state = self.lock_current()?;
-            let mut pkg =
-                state.packages.get(name.as_str()).cloned().ok_or_else(|| {
-                    PublishError::NotFound(format!("package {name} does not exist"))
-                })?;
+        let mut model = self.model.lock().await;
+        self.ensure_clean(&mut model).await?;
+        self.apply(&mut model, |model| {
+            let mut pkg = model
+                .packages
+                .get(name.as_str())
+                .filter(|e| !e.index.releases.is_empty())
+                .map(|e| e.index.clone())
+                .ok_or_else(|| PublishError::NotFound(format!("package {name} does not exist")))?;
             if !pkg.releases.iter().any(|r| r.version == version.as_str()) {
                 return Err(PublishError::NotFound(format!(
                     "{name} {version} is not published"
@@ -705,565 +876,459 @@ impl Publisher {
                 version: version.to_string(),
             });
             render::normalize(&mut pkg);
-            let change = Change {
-                name: name.to_string(),
-                new: Some(pkg),
-            };
-            self.prepare_changes(&mut state, vec![change], Vec::new(), Vec::new())?
-        };
-        self.commit(prepared)
+            let mut plan = Plan::default();
+            plan.packages.insert(name.to_string(), pkg);
+            Ok((plan, ()))
+        })
+        .await
     }
 
-    /// Re-signs the freshness sidecar with a new generation and expiry, and
-    /// writes any index that is missing (a new repository's empty ones).
-    pub fn refresh(&self) -> Result<(), PublishError> {
-        let prepared = {
-            let mut state = self.lock_current()?;
-            self.prepare_changes(&mut state, Vec::new(), Vec::new(), Vec::new())?
-        };
-        self.commit(prepared)
+    /// Re-signs the freshness record with a new generation and expiry, and
+    /// writes any shared file that is missing (a new repository's).
+    pub async fn refresh(&self) -> Result<(), PublishError> {
+        let mut model = self.model.lock().await;
+        self.ensure_clean(&mut model).await?;
+        self.apply(&mut model, |_| {
+            Ok((
+                Plan {
+                    refresh: true,
+                    ..Default::default()
+                },
+                (),
+            ))
+        })
+        .await
     }
 
-    /// Renders `changes` (signing the touched packages in parallel), applies
-    /// them to the model and returns the stages that write them: `creates`
-    /// (new archives) first, `removals` (files no index names any more)
-    /// last. On error the model is unchanged.
-    ///
-    /// The `v1/` files to write are found by comparing what the package's
-    /// old and new content render to, in memory: a publish reads nothing
-    /// from the tree. (`rebuild` compares with the tree itself.)
-    fn prepare_changes(
+    /// The expiry of the freshness record as this writer last wrote or read
+    /// it is less than `margin` seconds away (or there is none).
+    pub async fn freshness_expires_within(&self, margin: i64) -> Result<bool, PublishError> {
+        let path = self.layout.path(layout::FRESHNESS)?;
+        let Some(obj) = self.store.get(&path).await? else {
+            return Ok(true);
+        };
+        let f: pb::Freshness = self.decode(&path, &obj.bytes)?;
+        Ok(f.expires_at - (self.clock)() < margin)
+    }
+
+    /// Reconciles the tree before a change when an earlier write failed.
+    async fn ensure_clean(&self, model: &mut Model) -> Result<(), PublishError> {
+        if model.dirty {
+            tracing::warn!(
+                repository = %self.repository,
+                "an earlier write to the tree failed or was cut off; reconciling the tree"
+            );
+            self.reconcile(model, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies the change `plan` renders from the model, retrying after a
+    /// reload when another writer got there first.
+    async fn apply<T>(
         &self,
-        state: &mut State,
-        changes: Vec<Change>,
-        creates: Vec<Op>,
-        mut removals: Vec<Op>,
-    ) -> Result<Prepared, PublishError> {
-        // Unchanged packages (a tag set to where it points) are left alone.
-        let changes: Vec<Change> = changes
-            .into_iter()
-            .filter(|c| state.packages.get(&c.name) != c.new.as_ref())
-            .collect();
-        // Rows and which global files they change.
-        let mut wanted = render::Wanted {
-            versions: !state.top.contains_key(layout::VERSIONS),
-            names: !state.top.contains_key(layout::NAMES),
-            v1_index: false,
-        };
-        let new_rows: render::RowChanges = changes
-            .iter()
-            .map(|c| (c.name.clone(), c.new.as_ref().map(render::row)))
-            .collect();
-        for (name, row) in &new_rows {
-            match (state.rows.get(name), row) {
-                (Some(old), Some(new)) => {
-                    wanted.versions |= old.versions != new.versions;
-                    wanted.names |= old.names != new.names;
-                    wanted.v1_index |= old.json != new.json;
+        model: &mut Model,
+        plan: impl Fn(&Model) -> Result<(Plan, T), PublishError>,
+    ) -> Result<T, PublishError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let (p, out) = plan(model)?;
+            let started = std::time::Instant::now();
+            match self.write(model, p).await {
+                Ok(()) => {
+                    tracing::debug!(attempt, ms = ms(started.elapsed()), "change written");
+                    return Ok(out);
                 }
-                (None, None) => {}
-                _ => wanted = render::Wanted::ALL,
+                Err(WriteError::Conflict(path)) => {
+                    tracing::info!(%path, attempt, "another writer changed the tree; reloading");
+                    if let Err(e) = self.reload(model).await {
+                        model.dirty = true;
+                        return Err(PublishError::Aborted(e.to_string()));
+                    }
+                }
+                Err(WriteError::Failed(e)) => {
+                    tracing::error!(error = %e, "writing to the tree failed");
+                    model.dirty = true;
+                    return Err(match e {
+                        PublishError::Store(s) => PublishError::Aborted(s.to_string()),
+                        other => other,
+                    });
+                }
             }
         }
-        // The v1 list is written with the first indexes of a repository.
-        wanted.v1_index |= state.top.is_empty();
-        let regrouped = state.rows.regroup(&new_rows);
-        // The packages and the global files are signed at the same time.
-        let render_packages = || -> Result<Vec<RenderedChange>, PublishError> {
-            changes
-                .par_iter()
-                .map(|c| self.render_change(state.packages.get(&c.name), c))
-                .collect()
-        };
-        let render_globals = || -> Result<render::GlobalFiles, PublishError> {
-            if !(wanted.versions || wanted.names || wanted.v1_index) {
-                return Ok(render::GlobalFiles::default());
-            }
-            render::global_files(
-                self.repository.as_str(),
-                &state.rows.groups_with(&regrouped),
-                wanted,
-                self.signer.as_ref(),
-                &mut self.global_cache(),
-            )
-        };
-        let t0 = std::time::Instant::now();
-        let ((rendered, t_pkg), (globals, t_glob)) =
-            rayon::join(|| timed(render_packages), || timed(render_globals));
-        let (rendered, globals) = (rendered?, globals?);
-        let t_join = t0.elapsed();
-
-        // The bins the changed packages live in, and the top-level list.
-        let mut bins: BTreeMap<u8, BTreeMap<String, Digest256>> = BTreeMap::new();
-        for bin in &state.dirty_bins {
-            bins.insert(*bin, state.bins[usize::from(*bin)].clone());
-        }
-        for r in &rendered {
-            let bin = render::bin_of(&r.name);
-            let entry = bins
-                .entry(bin)
-                .or_insert_with(|| state.bins[usize::from(bin)].clone());
-            match &r.digest {
-                Some(d) => entry.insert(r.name.clone(), d.clone()),
-                None => entry.remove(&r.name),
-            };
-        }
-        let mut top = state.top.clone();
-        let mut bin_ops = Vec::new();
-        for (bin, digests) in &bins {
-            let path = self.layout.freshness_bin(*bin)?;
-            if digests.is_empty() {
-                top.remove(&Layout::freshness_bin_rel(*bin));
-                removals.push(Op::Remove { path });
-            } else {
-                let bytes = self.bin_file(*bin, digests, &mut top);
-                bin_ops.push(Op::Put { path, bytes });
-            }
-        }
-        let global_ops = self.global_ops(state, globals, bin_ops, &mut top)?;
-        // Where preparing a change goes: the packages and the global lists
-        // are rendered and signed side by side, then the freshness record.
-        tracing::debug!(
-            packages_ms = ms(t_pkg),
-            globals_ms = ms(t_glob),
-            join_ms = ms(t_join),
-            total_ms = ms(t0.elapsed()),
-            "prepared"
-        );
-
-        let mut package_ops = Vec::new();
-        for r in rendered {
-            package_ops.extend(r.writes);
-            removals.extend(r.removals);
-        }
-
-        // Nothing below fails: apply the change to the model.
-        state.rows.apply(new_rows, regrouped);
-        for c in changes {
-            match c.new {
-                Some(p) => state.packages.insert(c.name, p),
-                None => state.packages.remove(&c.name),
-            };
-        }
-        for (bin, digests) in bins {
-            state.bins[usize::from(bin)] = digests;
-        }
-        Ok(self.enqueue(state, top, vec![creates, package_ops, global_ops, removals]))
+        Err(PublishError::Aborted(format!(
+            "gave up after {MAX_ATTEMPTS} attempts: other writers kept changing the tree"
+        )))
     }
 
-    /// Renders freshness bin `bin` and lists its digest in `top`.
-    fn bin_file(
-        &self,
-        bin: u8,
-        digests: &BTreeMap<String, Digest256>,
-        top: &mut BTreeMap<String, Digest256>,
-    ) -> Vec<u8> {
-        let bytes = render::freshness_bin(self.repository.as_str(), bin, digests);
-        top.insert(Layout::freshness_bin_rel(bin), Digest256::of(&bytes));
-        bytes
+    /// Writes a change, stage by stage, and brings the model up to date
+    /// with it. On an error the model is left as it was.
+    async fn write(&self, model: &mut Model, plan: Plan) -> Result<(), WriteError> {
+        // Packages whose content does not change are left alone.
+        let changes: Vec<(String, pb::Package)> = plan
+            .packages
+            .into_iter()
+            .filter(|(n, p)| model.packages.get(n).map(|e| &e.index) != Some(p))
+            .collect();
+        if changes.is_empty() && !plan.refresh && plan.removals.is_empty() {
+            return Ok(());
+        }
+
+        // Stage 2: each package's indexes and v1 files.
+        let rendered: Vec<(String, pb::Package, Vec<FileOut>, BTreeMap<String, Digest256>)> =
+            cpu(|| {
+                changes
+                    .par_iter()
+                    .map(|(name, pkg)| {
+                        let (files, digests) =
+                            render::package_files(&self.layout, pkg, self.signer.as_ref())?;
+                        Ok((name.clone(), pkg.clone(), files, digests))
+                    })
+                    .collect::<Result<_, PublishError>>()
+            })?;
+        let mut stale: Vec<TreePath> = Vec::new();
+        let futs: Vec<_> = rendered
+            .iter()
+            .map(|(name, _, files, _)| self.write_package(name, model.packages.get(name), files))
+            .collect();
+        let written: Vec<(String, ObjectVersion, Vec<TreePath>)> = try_all(futs).await?;
+        let mut new_versions = HashMap::new();
+        for (name, version, removed) in written {
+            new_versions.insert(name, version);
+            stale.extend(removed);
+        }
+
+        // Stages 3–6: the shared files, from the model with the change.
+        let mut next = ModelUpdate::default();
+        for (name, pkg, _, digests) in &rendered {
+            next.packages.insert(
+                name.clone(),
+                Entry {
+                    bin: render::bin_of(name),
+                    index: pkg.clone(),
+                    version: new_versions.get(name).cloned(),
+                    digests: digests.clone(),
+                },
+            );
+        }
+        self.write_globals(model, &mut next, plan.refresh).await?;
+
+        // Stage 7: what no index names any more.
+        for path in plan.removals.iter().chain(&stale) {
+            if let Err(e) = self.store.delete(path).await {
+                // The change is complete without it: recovery removes it.
+                tracing::warn!(%path, error = %e, "could not remove a file no index names");
+                model.dirty = true;
+            }
+        }
+        Ok(())
     }
 
-    /// The stage of the global files: `versions`, the public key if the
-    /// tree lacks it, `names`, the v1 list, the freshness bins, then the
-    /// freshness record over `top` (which gets the digests of `versions` and
-    /// `names`), signed with the next generation. versions before names: a
-    /// reader of names finds every package in versions. All of them become
-    /// visible in this order, after the packages they name are durable.
-    fn global_ops(
+    /// Writes one package's files: `niso/packages/NAME` conditionally (the
+    /// package's truth), then its derived files. Returns the new version of
+    /// the niso index and the derived files it no longer has, to remove once
+    /// the shared files stop naming them.
+    async fn write_package(
         &self,
-        state: &State,
-        globals: render::GlobalFiles,
-        bin_ops: Vec<Op>,
-        top: &mut BTreeMap<String, Digest256>,
-    ) -> Result<Vec<Op>, PublishError> {
-        if let Some(v) = &globals.versions {
-            top.insert(layout::VERSIONS.into(), Digest256::of(v));
+        name: &str,
+        old: Option<&Entry>,
+        files: &[FileOut],
+    ) -> Result<(String, ObjectVersion, Vec<TreePath>), WriteError> {
+        let pname = PackageName::new(name).map_err(PublishError::from)?;
+        let niso_path = self.layout.niso_package(&pname).map_err(PublishError::from)?;
+        // What the package had: its v1 files (rendering them signs
+        // nothing) and the digests of its indexes.
+        let old_v1 = match old {
+            Some(e) => render::v1_files(&self.layout, &e.index).map_err(PublishError::from)?,
+            None => Vec::new(),
+        };
+        let hex_path = self.layout.package(&pname).map_err(PublishError::from)?;
+        let hex_rel = format!("{}/{name}", layout::PACKAGES_DIR);
+        let old_hex = old.and_then(|e| e.digests.get(&hex_rel));
+        // Derived files first where a reader follows them from the index
+        // (v1 downloads before v1/…/versions), the index itself first of
+        // the signed ones: a conflict on it stops before anything derived
+        // from this writer's view is written.
+        let niso = files
+            .iter()
+            .find(|f| f.path == niso_path)
+            .ok_or_else(|| PublishError::Invalid(format!("{niso_path} was not rendered")))?;
+        let Content::Bytes(bytes) = &niso.content else {
+            return Err(PublishError::Invalid(format!("{niso_path} is not a document")).into());
+        };
+        let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
+        let version = self
+            .store
+            .put(&niso_path, Body::Bytes(bytes.clone().into()), &niso.attributes, mode)
+            .await?;
+        let derived: Vec<&FileOut> = files
+            .iter()
+            .filter(|f| f.path != niso_path)
+            .filter(|f| match &f.content {
+                Content::Bytes(b) if f.path == hex_path => {
+                    old_hex != Some(&Digest256::of(b))
+                }
+                _ => !old_v1.contains(f),
+            })
+            .collect();
+        let futs: Vec<_> = derived
+            .into_iter()
+            .map(|f| self.put_file(f, PutMode::Overwrite))
+            .collect();
+        try_all(futs).await?;
+        // Another writer may have replaced the index meanwhile and written
+        // its derived files before these: then they are stale.
+        let now = self.store.head(&niso_path).await?.map(|m| m.version);
+        if now.as_ref() != Some(&version) {
+            return Err(WriteError::Conflict(niso_path.to_string()));
         }
-        if let Some(n) = &globals.names {
-            top.insert(layout::NAMES.into(), Digest256::of(n));
+        let new_paths: BTreeSet<&TreePath> = files.iter().map(|f| &f.path).collect();
+        let mut removed: Vec<TreePath> = old_v1
+            .iter()
+            .map(|f| f.path.clone())
+            .filter(|p| !new_paths.contains(p))
+            .collect();
+        if old_hex.is_some() && !new_paths.contains(&hex_path) {
+            removed.push(hex_path);
         }
-        let now = (self.clock)();
-        let fresh = render::freshness(
-            self.repository.as_str(),
-            state.generation + 1,
-            now,
-            now + self.options.freshness_ttl,
-            top,
-            self.signer.as_ref(),
-        )?;
-        let key = (!state.key_written).then(|| self.public_key_pem());
-        let mut ops = Vec::with_capacity(bin_ops.len() + 5);
+        Ok((name.to_string(), version, removed))
+    }
+
+    async fn put_file(&self, f: &FileOut, mode: PutMode) -> Result<ObjectVersion, StoreError> {
+        match &f.content {
+            Content::Bytes(b) => {
+                self.store
+                    .put(&f.path, Body::Bytes(b.clone().into()), &f.attributes, mode)
+                    .await
+            }
+            Content::Copy(from) => self.store.copy(from, &f.path, &f.attributes, mode).await,
+        }
+    }
+
+    /// Renders and writes `versions`, `names`, the v1 list, the bins that
+    /// changed and the freshness record, each conditional on the version
+    /// last seen; then makes `next` the model.
+    async fn write_globals(
+        &self,
+        model: &mut Model,
+        next: &mut ModelUpdate,
+        refresh: bool,
+    ) -> Result<(), WriteError> {
+        let rows: render::RowChanges = next
+            .packages
+            .iter()
+            .map(|(n, e)| (n.clone(), Some(render::row(&e.index))))
+            .collect();
+        let regrouped = model.rows.regroup(&rows);
+        let repository = self.repository.to_string();
+        let globals = {
+            let groups = model.rows.groups_with(&regrouped);
+            let cache = &mut model.cache;
+            cpu(|| {
+                render::global_files(
+                    &repository,
+                    &groups,
+                    render::Wanted::ALL,
+                    self.signer.as_ref(),
+                    cache,
+                )
+            })?
+        };
+        // The bins of the packages that changed (all of them for a
+        // refresh), and any bin whose file this writer has not seen.
+        let mut touched: BTreeSet<u8> = next.packages.values().map(|e| e.bin).collect();
+        for e in model.packages.values() {
+            if refresh || !model.written.contains_key(&Layout::freshness_bin_rel(e.bin)) {
+                touched.insert(e.bin);
+            }
+        }
+        if refresh {
+            touched.extend(0..=255u8);
+        }
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
         for (rel, bytes) in [
             (layout::VERSIONS, globals.versions),
-            (layout::PUBLIC_KEY, key),
+            (layout::PUBLIC_KEY, Some(self.public_key_pem())),
             (layout::NAMES, globals.names),
             (layout::V1_INDEX, globals.v1_index),
         ] {
-            if let Some(bytes) = bytes {
-                ops.push(Op::Put {
-                    path: self.layout.path(rel)?,
-                    bytes,
-                });
+            if let Some(b) = bytes {
+                files.push((rel.to_string(), b));
             }
         }
-        ops.extend(bin_ops);
-        ops.push(Op::Put {
-            path: self.layout.path(layout::FRESHNESS)?,
-            bytes: fresh,
-        });
-        Ok(ops)
-    }
-
-    /// Records in the model that a change whose files are `stages` was
-    /// prepared (the freshness record over `top`, the next generation), and
-    /// queues it for [`Publisher::commit`].
-    fn enqueue(
-        &self,
-        state: &mut State,
-        top: BTreeMap<String, Digest256>,
-        stages: Vec<Vec<Op>>,
-    ) -> Prepared {
-        state.top = top;
-        state.dirty_bins.clear();
-        state.key_written = true;
-        state.generation += 1;
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        Prepared {
-            seq,
-            epoch: state.epoch,
-            stages,
-            queue: self.queue.clone(),
-            finished: false,
-        }
-    }
-
-    /// The files one package change writes and removes.
-    fn render_change(
-        &self,
-        old: Option<&pb::Package>,
-        change: &Change,
-    ) -> Result<RenderedChange, PublishError> {
-        let old_ops = match old {
-            Some(p) => render::v1_files(&self.layout, p)?,
-            None => Vec::new(),
-        };
-        let (new_ops, digest) = match &change.new {
-            Some(p) => {
-                let (ops, d) = render::package_files(&self.layout, p, self.signer.as_ref())?;
-                (ops, Some(d))
+        let mut bins: BTreeMap<u8, BTreeMap<String, Digest256>> = BTreeMap::new();
+        for (name, e) in &model.packages {
+            if touched.contains(&e.bin) && !next.packages.contains_key(name) {
+                bins.entry(e.bin).or_default().extend(e.digests.clone());
             }
-            None => (Vec::new(), None),
-        };
-        let new_paths: BTreeSet<&TreePath> = new_ops.iter().map(Op::path).collect();
-        let mut removals: Vec<Op> = old_ops
-            .iter()
-            .map(Op::path)
-            .filter(|p| !new_paths.contains(p))
-            .map(|p| Op::Remove { path: p.clone() })
-            .collect();
-        if change.new.is_none() {
-            removals.push(Op::Remove {
-                path: self.layout.package(&PackageName::new(&change.name)?)?,
-            });
         }
-        let writes = new_ops
-            .into_iter()
-            .filter(|op| !old_ops.iter().any(|o| same_op(o, op)))
-            .collect();
-        Ok(RenderedChange {
-            name: change.name.clone(),
-            writes,
-            removals,
-            digest,
-        })
-    }
-
-    /// Regenerates every index of the repository from the archives in the
-    /// tree (`tarballs/*.tar`, `archives/*.niso`).
-    ///
-    /// What archives cannot tell — upload times, publisher signatures, tags,
-    /// retirements — is carried over from the current (verified) indexes;
-    /// an archive no index knows gets its file's modification time as upload
-    /// time. Any bad archive refuses the whole rebuild, changing nothing.
-    pub fn rebuild(&self) -> Result<RebuildReport, PublishError> {
-        let (prepared, report) = {
-            let mut state = self.lock_current()?;
-            self.prepare_rebuild(&mut state)?
-        };
-        self.commit(prepared)?;
-        Ok(report)
-    }
-
-    fn prepare_rebuild(
-        &self,
-        state: &mut State,
-    ) -> Result<(Prepared, RebuildReport), PublishError> {
-        let mut paths = self.store.list(&self.layout.dir(layout::TARBALLS_DIR))?;
-        paths.extend(self.store.list(&self.layout.dir(layout::ARCHIVES_DIR))?);
-        let inspected: Vec<_> = paths.par_iter().map(|p| self.inspect_one(p)).collect();
-
-        let mut problems = Vec::new();
-        let mut packages: BTreeMap<String, pb::Package> = BTreeMap::new();
-        let mut normalized: std::collections::HashMap<String, String> = Default::default();
-        for (path, result) in paths.iter().zip(inspected) {
-            let (info, mtime) = match result {
-                Ok(x) => x,
-                Err(e) => {
-                    problems.push(format!("{path}: {e}"));
-                    continue;
+        for e in next.packages.values() {
+            bins.entry(e.bin).or_default().extend(e.digests.clone());
+        }
+        let mut top: BTreeMap<String, Digest256> = BTreeMap::new();
+        for bin in 0..=255u8 {
+            let rel = Layout::freshness_bin_rel(bin);
+            if !touched.contains(&bin) {
+                if let Some(d) = model.written.get(&rel) {
+                    top.insert(rel, d.clone());
                 }
+                continue;
+            }
+            match bins.get(&bin) {
+                Some(digests) if !digests.is_empty() => {
+                    let bytes = render::freshness_bin(self.repository.as_str(), bin, digests);
+                    top.insert(rel.clone(), Digest256::of(&bytes));
+                    files.push((rel, bytes));
+                }
+                _ => {
+                    if model.seen.get(&rel).is_some_and(Option::is_some) {
+                        next.removed_bins.push(rel);
+                    }
+                }
+            }
+        }
+        // The record lists names, versions and every bin.
+        for (rel, bytes) in &files {
+            if *rel == layout::VERSIONS || *rel == layout::NAMES {
+                top.insert(rel.clone(), Digest256::of(bytes));
+            }
+        }
+        let now = (self.clock)();
+        let generation = model.generation + 1;
+        let fresh = cpu(|| {
+            render::freshness(
+                self.repository.as_str(),
+                generation,
+                now,
+                now + self.options.freshness_ttl,
+                &top,
+                self.signer.as_ref(),
+            )
+        })?;
+        files.push((layout::FRESHNESS.to_string(), fresh));
+
+        let mut versions = HashMap::new();
+        for (rel, bytes) in &files {
+            let digest = Digest256::of(bytes);
+            // Unchanged (and not the record): nothing to write.
+            if rel != layout::FRESHNESS && model.written.get(rel) == Some(&digest) {
+                continue;
+            }
+            let path = self.layout.path(rel).map_err(PublishError::from)?;
+            let mode = match model.seen.get(rel) {
+                Some(v) => PutMode::after(v.as_ref()),
+                // Never read: overwrite only what is not there.
+                None => PutMode::Create,
             };
-            let expected = self.layout.path(&info.tree_path())?;
-            if &expected != path {
-                problems.push(format!(
-                    "{path}: holds {} {} ({}), so it must be named {expected}",
-                    info.name, info.version, info.arch
-                ));
-                continue;
-            }
-            // One normalised name per package (see check_confusable), kept
-            // in a map: a scan per archive would make a rebuild O(N²).
-            match normalized.entry(info.name.normalized()) {
-                std::collections::hash_map::Entry::Occupied(e) if e.get() != info.name.as_str() => {
-                    problems.push(format!(
-                        "{path}: package name {} is too similar to the package {}",
-                        info.name,
-                        e.get()
-                    ));
-                    continue;
-                }
-                std::collections::hash_map::Entry::Occupied(_) => {}
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(info.name.to_string());
-                }
-            }
-            let old = state.packages.get(info.name.as_str());
-            let old_artifact = old.and_then(|p| {
-                p.releases
-                    .iter()
-                    .find(|r| r.version == info.version.as_str())
-                    .and_then(|r| r.artifacts.iter().find(|a| a.arch == info.arch.as_str()))
-                    .filter(|a| a.sha256 == info.sha256)
-            });
-            let mut artifact = artifact_from(&info, mtime, None);
-            if let Some(o) = old_artifact {
-                artifact.uploaded_at = o.uploaded_at;
-                artifact.publisher_signature = o.publisher_signature.clone();
-                artifact.publisher_key_id = o.publisher_key_id.clone();
-            }
-            let pkg = packages
-                .entry(info.name.to_string())
-                .or_insert_with(|| pb::Package {
-                    name: info.name.to_string(),
-                    repository: self.repository.to_string(),
-                    ..Default::default()
-                });
-            if let Err(e) = merge_artifact(pkg, &info, artifact) {
-                problems.push(format!("{path}: {e}"));
-            }
+            let attrs = layout::attributes(path.as_str(), None);
+            let v = self
+                .store
+                .put(&path, Body::Bytes(bytes.clone().into()), &attrs, mode)
+                .await?;
+            versions.insert(rel.clone(), (v, digest));
         }
-        if !problems.is_empty() {
-            return Err(PublishError::Rebuild(problems));
-        }
-        // Carry over tags and retirements that still point at a release.
-        for (name, pkg) in &mut packages {
-            if let Some(old) = state.packages.get(name) {
-                for r in &mut pkg.releases {
-                    if let Some(o) = old.releases.iter().find(|o| o.version == r.version) {
-                        r.retired = o.retired.clone();
-                    }
-                }
-                let versions: BTreeSet<&str> =
-                    pkg.releases.iter().map(|r| r.version.as_str()).collect();
-                pkg.tags = old
-                    .tags
-                    .iter()
-                    .filter(|t| versions.contains(t.version.as_str()))
-                    .cloned()
-                    .collect();
-            }
-            render::normalize(pkg);
+        for rel in std::mem::take(&mut next.removed_bins) {
+            let path = self.layout.path(&rel).map_err(PublishError::from)?;
+            self.store.delete(&path).await?;
+            model.seen.insert(rel.clone(), None);
+            model.written.remove(&rel);
         }
 
-        let mut report = RebuildReport {
-            packages: packages.len(),
-            releases: packages.values().map(|p| p.releases.len()).sum(),
-            artifacts: packages
-                .values()
-                .flat_map(|p| p.releases.iter())
-                .map(|r| r.artifacts.len())
-                .sum(),
-            ..Default::default()
-        };
-
-        // Everything that is not an archive is derived: render it all, write
-        // what differs from the tree, remove what no longer belongs.
-        let rendered = self.render_all(&packages, state)?;
-        let mut existing: BTreeSet<TreePath> = BTreeSet::new();
-        for dir in [layout::PACKAGES_DIR, "v1", layout::FRESHNESS_BINS_DIR] {
-            existing.extend(self.store.list(&self.layout.dir(dir))?);
+        // Everything is written: the model follows.
+        model.rows.apply(rows, regrouped);
+        for (name, entry) in std::mem::take(&mut next.packages) {
+            model.packages.insert(name, entry);
         }
-        let mut keep = BTreeSet::new();
-        let mut bins = vec![BTreeMap::new(); render::FRESHNESS_BINS];
-        let mut candidates = Vec::new();
-        for (name, ops, digest) in rendered {
-            // Kept even when unchanged and so not rendered again.
-            keep.insert(self.layout.package(&PackageName::new(&name)?)?);
-            bins[usize::from(render::bin_of(&name))].insert(name, digest);
-            for op in ops {
-                keep.insert(op.path().clone());
-                candidates.push(op);
-            }
+        for (rel, (v, d)) in versions {
+            model.seen.insert(rel.clone(), Some(v));
+            model.written.insert(rel, d);
         }
-        let rows = render::Rows::new(
-            packages
-                .iter()
-                .map(|(n, p)| (n.clone(), render::row(p)))
-                .collect(),
-        );
-        let globals = render::global_files(
-            self.repository.as_str(),
-            &rows.groups(),
-            render::Wanted::ALL,
-            self.signer.as_ref(),
-            &mut self.global_cache(),
-        )?;
-        let mut top = BTreeMap::new();
-        for (bin, digests) in bins.iter().enumerate() {
-            if digests.is_empty() {
-                continue;
-            }
-            let bin = bin as u8;
-            let bytes = self.bin_file(bin, digests, &mut top);
-            let path = self.layout.freshness_bin(bin)?;
-            keep.insert(path.clone());
-            candidates.push(Op::Put { path, bytes });
-        }
-        keep.insert(self.layout.path(layout::V1_INDEX)?);
-        // Comparing with the tree reads every file: on as many threads as
-        // the machine has.
-        let unchanged: Vec<bool> = candidates
-            .par_iter()
-            .map(|op| Ok(existing.contains(op.path()) && self.unchanged(op)?))
-            .collect::<Result<_, PublishError>>()?;
-        let stage_packages: Vec<Op> = candidates
-            .into_iter()
-            .zip(unchanged)
-            .filter(|(_, same)| !same)
-            .map(|(op, _)| op)
-            .collect();
-        let removals: Vec<Op> = existing
-            .difference(&keep)
-            .map(|p| Op::Remove { path: p.clone() })
-            .collect();
-        report.files_written = stage_packages.len() + 4;
-        report.files_removed = removals.len();
-        // The bins are compared with the tree above, so not in this stage.
-        let global_ops = self.global_ops(state, globals, Vec::new(), &mut top)?;
-
-        state.packages = packages;
-        state.rows = rows;
-        state.bins = bins;
-        let prepared = self.enqueue(state, top, vec![stage_packages, global_ops, removals]);
-        Ok((prepared, report))
-    }
-
-    /// Whether `op` would leave the tree as it is (same bytes, or a link to
-    /// the same file), so a rebuild rewrites only what changed.
-    fn unchanged(&self, op: &Op) -> Result<bool, PublishError> {
-        match op {
-            Op::Put { path, bytes } => {
-                Ok(self.store.get(path)?.as_deref() == Some(bytes.as_slice()))
-            }
-            Op::Link { from, to } => {
-                let (Some(a), Some(b)) = (self.store.local_path(from), self.store.local_path(to))
-                else {
-                    return Ok(false);
-                };
-                Ok(crate::store::same_inode(&a, &b))
-            }
-            Op::Remove { .. } | Op::Create { .. } => Ok(false),
-        }
-    }
-
-    fn inspect_one(&self, path: &TreePath) -> Result<(ArchiveInfo, i64), PublishError> {
-        let local = self
-            .store
-            .local_path(path)
-            .ok_or_else(|| PublishError::Invalid(format!("{path}: rebuild needs a local store")))?;
-        let info = archive::inspect_file(&local, &self.options.limits)?;
-        let mtime = std::fs::metadata(&local)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs() as i64);
-        Ok((info, mtime))
-    }
-
-    /// Renders every package, signing in parallel: RSA signatures are most
-    /// of a rebuild's CPU time. A package whose content equals the current
-    /// (verified) index is not signed again: its index stays as it is.
-    #[allow(clippy::type_complexity)]
-    fn render_all(
-        &self,
-        packages: &BTreeMap<String, pb::Package>,
-        current: &State,
-    ) -> Result<Vec<(String, Vec<Op>, Digest256)>, PublishError> {
-        let list: Vec<&pb::Package> = packages.values().collect();
-        list.par_iter()
-            .map(|p| {
-                if current.packages.get(&p.name) == Some(*p) {
-                    let bin = &current.bins[usize::from(render::bin_of(&p.name))];
-                    if let Some(d) = bin.get(&p.name) {
-                        return Ok((
-                            p.name.clone(),
-                            render::v1_files(&self.layout, p)?,
-                            d.clone(),
-                        ));
-                    }
-                }
-                let (ops, d) = render::package_files(&self.layout, p, self.signer.as_ref())?;
-                Ok((p.name.clone(), ops, d))
-            })
-            .collect()
+        model.generation = generation;
+        Ok(())
     }
 }
 
-/// What one package change writes and removes, and the new digest of its
-/// `packages/NAME` (`None`: removed).
-struct RenderedChange {
-    name: String,
-    writes: Vec<Op>,
-    removals: Vec<Op>,
-    digest: Option<Digest256>,
+/// The packages a change gives new content, with their new versions.
+#[derive(Default)]
+struct ModelUpdate {
+    packages: BTreeMap<String, Entry>,
+    removed_bins: Vec<String>,
 }
 
-/// Whether two ops leave the same file at the same path.
-fn same_op(a: &Op, b: &Op) -> bool {
-    match (a, b) {
-        (Op::Put { path: p, bytes: x }, Op::Put { path: q, bytes: y }) => p == q && x == y,
-        (Op::Link { from: f, to: t }, Op::Link { from: g, to: u }) => f == g && t == u,
-        _ => false,
+fn already_published(info: &ArchiveInfo) -> PublishError {
+    PublishError::Conflict(format!(
+        "{} {} ({}) is already published with other bytes; a published version never \
+         changes: publish a new version",
+        info.name, info.version, info.arch
+    ))
+}
+
+/// The artifact of (version, arch) in a package index.
+fn artifact_in<'a>(pkg: &'a pb::Package, info: &ArchiveInfo) -> Option<&'a pb::Artifact> {
+    pkg.releases
+        .iter()
+        .find(|r| r.version == info.version.as_str())?
+        .artifacts
+        .iter()
+        .find(|a| a.arch == info.arch.as_str())
+}
+
+fn find_artifact<'a>(model: &'a Model, info: &ArchiveInfo) -> Option<&'a pb::Artifact> {
+    artifact_in(&model.packages.get(info.name.as_str())?.index, info)
+}
+
+fn check_tombstone(model: &Model, info: &ArchiveInfo) -> Result<(), PublishError> {
+    if let Some(e) = model.packages.get(info.name.as_str()) {
+        let mut pkg = e.index.clone();
+        restore_tombstone(&mut pkg, info)?;
     }
+    Ok(())
+}
+
+/// Lifts the tombstone of (version, arch) if `info` has the deleted bytes;
+/// refuses other bytes.
+fn restore_tombstone(pkg: &mut pb::Package, info: &ArchiveInfo) -> Result<(), PublishError> {
+    let Some(i) = pkg
+        .tombstones
+        .iter()
+        .position(|t| t.version == info.version.as_str() && t.arch == info.arch.as_str())
+    else {
+        return Ok(());
+    };
+    if pkg.tombstones[i].sha256 != info.sha256 {
+        return Err(PublishError::Conflict(format!(
+            "{} {} ({}) was deleted; a version never serves other bytes than it once did, \
+             so only the deleted archive (SHA-256 {}) can restore it: publish a new version",
+            info.name,
+            info.version,
+            info.arch,
+            hex::encode(&pkg.tombstones[i].sha256)
+        )));
+    }
+    pkg.tombstones.remove(i);
+    Ok(())
+}
+
+/// Whether an index names the archive at `path`.
+fn names_archive(pkg: &pb::Package, layout: &Layout, path: &TreePath) -> bool {
+    pkg.releases
+        .iter()
+        .flat_map(|r| &r.artifacts)
+        .any(|a| layout.path(&a.path).is_ok_and(|p| &p == path))
 }
 
 /// Refuses a name that differs from an existing package only by `-`/`_`.
-/// Compares in place: one allocation per existing name would make a publish
-/// O(N) allocations, and a rebuild O(N²).
-fn check_confusable(
-    packages: &BTreeMap<String, pb::Package>,
+fn check_confusable<'a>(
+    mut existing: impl Iterator<Item = &'a String>,
     name: &PackageName,
 ) -> Result<(), PublishError> {
-    if packages.contains_key(name.as_str()) {
-        return Ok(());
-    }
     let fold = |b: u8| if b == b'_' { b'-' } else { b };
     let wanted = name.as_str().as_bytes();
     let similar = |k: &str| {
-        k.len() == wanted.len() && k.bytes().zip(wanted).all(|(a, b)| fold(a) == fold(*b))
+        k != name.as_str()
+            && k.len() == wanted.len()
+            && k.bytes().zip(wanted).all(|(a, b)| fold(a) == fold(*b))
     };
-    if let Some(other) = packages.keys().find(|k| similar(k)) {
+    if let Some(other) = existing.find(|k| similar(k)) {
         return Err(PublishError::Conflict(format!(
             "package name {name} is too similar to the existing package {other}"
         )));
@@ -1356,3 +1421,5 @@ fn merge_artifact(
     release.artifacts.push(artifact);
     Ok(())
 }
+
+mod reconcile;

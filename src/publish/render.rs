@@ -1,5 +1,6 @@
 //! Turning the in-memory model into files: the one place that decides the
-//! bytes of every index and `v1/` document. Incremental publishes and full
+//! bytes of every index and `v1/` document (with [`crate::index::view`],
+//! which holds the rules readers check too). Incremental publishes and full
 //! rebuilds both come through here, which is why they agree byte for byte.
 
 use std::collections::BTreeMap;
@@ -8,173 +9,39 @@ use std::ops::Bound;
 use sha2::{Digest, Sha256};
 
 use super::PublishError;
-use crate::ident::{Arch, PackageName, Version};
+use crate::ident::PackageName;
 use crate::index::codec::{encode_segmented, SegmentCache};
-use crate::index::json::{self, Manifest, ManifestBinary, ManifestIsolation, ManifestPackage};
-use crate::index::layout::Layout;
+use crate::index::layout::{self, Layout};
+pub use crate::index::view::*;
 use crate::index::{encode_index, pb, Signer};
-use crate::store::Op;
 
-/// SHA-256 and length of a file, for the freshness sidecar.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Digest256 {
-    pub sha256: [u8; 32],
-    pub length: u64,
-}
-
-impl Digest256 {
-    pub fn of(bytes: &[u8]) -> Self {
-        Self {
-            sha256: Sha256::digest(bytes).into(),
-            length: bytes.len() as u64,
-        }
-    }
-}
-
-/// Puts a package's lists into their canonical order and recomputes the
-/// package-level description, so equal content always encodes equally.
-pub fn normalize(pkg: &mut pb::Package) {
-    pkg.releases.sort_by_cached_key(|r| version_key(&r.version));
-    for r in &mut pkg.releases {
-        r.artifacts.sort_by(|a, b| a.arch.cmp(&b.arch));
-    }
-    pkg.tags.sort_by(|a, b| a.tag.cmp(&b.tag));
-    pkg.description = pkg
-        .releases
-        .iter()
-        .rev()
-        .find_map(|r| r.description.clone());
-}
-
-/// Orders versions by semver; an unparsable one (never written by us) sorts
-/// first so it cannot become `latest`.
-pub fn version_key(v: &str) -> Option<semver::Version> {
-    semver::Version::parse(v).ok()
-}
-
-/// The newest release, preferring releases that are not pre-releases, among
-/// those `filter` accepts.
-pub fn latest(pkg: &pb::Package, filter: impl Fn(&pb::Release) -> bool) -> Option<&pb::Release> {
-    let candidates: Vec<&pb::Release> = pkg.releases.iter().filter(|r| filter(r)).collect();
-    let stable = candidates
-        .iter()
-        .rev()
-        .find(|r| version_key(&r.version).is_some_and(|v| v.pre.is_empty()));
-    stable.or(candidates.last()).copied()
-}
-
-/// The files of one package: `packages/NAME` and its `v1/` documents and
-/// archive links. Returns the ops and the digest of `packages/NAME`.
+/// The files of one package: its `v1/` documents and downloads, Hex's
+/// `packages/NAME` (when it has Hex releases) and `niso/packages/NAME`, in
+/// that order (the signed indexes after what they describe). Returns them
+/// with the digests of the two indexes, by path relative to the repository.
 pub fn package_files(
     layout: &Layout,
     pkg: &pb::Package,
     signer: &dyn Signer,
-) -> Result<(Vec<Op>, Digest256), PublishError> {
-    let index = encode_index(pkg, signer)?;
-    let digest = Digest256::of(&index);
-    let mut ops = v1_files(layout, pkg)?;
-    // The signed index last within the stage, after the files it describes.
-    ops.push(Op::Put {
-        path: layout.package(&PackageName::new(&pkg.name)?)?,
-        bytes: index,
-    });
-    Ok((ops, digest))
-}
-
-/// The `v1/` documents and archive links of one package.
-pub fn v1_files(layout: &Layout, pkg: &pb::Package) -> Result<Vec<Op>, PublishError> {
+) -> Result<(Vec<FileOut>, BTreeMap<String, Digest256>), PublishError> {
     let name = PackageName::new(&pkg.name)?;
-    let mut ops = Vec::new();
-
-    let mut entries = Vec::new();
-    for r in &pkg.releases {
-        let version = Version::new(&r.version)?;
-        for a in &r.artifacts {
-            entries.push(json::VersionEntry {
-                version: r.version.clone(),
-                arch: a.arch.clone(),
-                size: a.size,
-                sha256: hex::encode(&a.sha256),
-                uploaded_at: json::rfc3339(a.uploaded_at),
-                retired: r.retired.is_some(),
-            });
-            let arch = Arch::new(&a.arch)?;
-            ops.push(Op::Link {
-                from: layout.path(&a.path)?,
-                to: layout.v1_archive(&name, &version, &arch)?,
-            });
-        }
-        let manifest = Manifest {
-            package: ManifestPackage {
-                name: pkg.name.clone(),
-                version: r.version.clone(),
-                description: r.description.clone(),
-            },
-            binary: r
-                .entrypoint
-                .clone()
-                .map(|entrypoint| ManifestBinary { entrypoint }),
-            isolation: r
-                .isolation_preset
-                .clone()
-                .map(|preset| ManifestIsolation { preset }),
-        };
-        ops.push(Op::Put {
-            path: layout.v1_manifest(&name, &version)?,
-            bytes: json::to_bytes(&manifest),
-        });
+    let mut files = v1_files(layout, pkg)?;
+    let mut digests = BTreeMap::new();
+    if let Some(view) = hex_view(pkg) {
+        let index = encode_index(&view, signer)?;
+        digests.insert(
+            format!("{}/{name}", layout::PACKAGES_DIR),
+            Digest256::of(&index),
+        );
+        files.push(FileOut::bytes(layout.package(&name)?, index));
     }
-
-    // latest/ARCH follows the newest release that has ARCH.
-    let mut arches: Vec<&str> = pkg
-        .releases
-        .iter()
-        .flat_map(|r| r.artifacts.iter().map(|a| a.arch.as_str()))
-        .collect();
-    arches.sort_unstable();
-    arches.dedup();
-    for arch in arches {
-        if let Some(r) = latest(pkg, |r| r.artifacts.iter().any(|a| a.arch == arch)) {
-            if let Some(a) = r.artifacts.iter().find(|a| a.arch == arch) {
-                ops.push(Op::Link {
-                    from: layout.path(&a.path)?,
-                    to: layout.v1_latest(&name, &Arch::new(arch)?)?,
-                });
-            }
-        }
-    }
-
-    ops.push(Op::Put {
-        path: layout.v1_versions(&name)?,
-        bytes: json::to_bytes(&json::VersionList {
-            name: pkg.name.clone(),
-            versions: entries,
-        }),
-    });
-    ops.push(Op::Put {
-        path: layout.v1_tags(&name)?,
-        bytes: json::to_bytes(&json::TagList {
-            tags: pkg
-                .tags
-                .iter()
-                .map(|t| json::TagEntry {
-                    tag: t.tag.clone(),
-                    version: t.version.clone(),
-                })
-                .collect(),
-        }),
-    });
-    Ok(ops)
-}
-
-/// A package's entry in `GET /v1/packages`.
-pub fn summary(pkg: &pb::Package) -> json::PackageSummary {
-    json::PackageSummary {
-        name: pkg.name.clone(),
-        versions: pkg.releases.iter().map(|r| r.version.clone()).collect(),
-        latest: latest(pkg, |_| true).map(|r| r.version.clone()),
-        description: pkg.description.clone(),
-    }
+    let index = encode_index(pkg, signer)?;
+    digests.insert(
+        format!("{}/{name}", layout::NISO_PACKAGES_DIR),
+        Digest256::of(&index),
+    );
+    files.push(FileOut::bytes(layout.niso_package(&name)?, index));
+    Ok((files, digests))
 }
 
 /// One package's share of the global files, encoded once, when the package
@@ -198,34 +65,21 @@ const GROUP_ROWS: u8 = 255;
 /// unlucky names cannot make one huge group).
 const GROUP_MAX_ROWS: usize = 2048;
 
-/// A package's entry in `versions`: its versions in index order, and the
-/// positions of the retired ones.
-pub fn versions_entry(pkg: &pb::Package) -> pb::VersionsPackage {
-    pb::VersionsPackage {
-        name: pkg.name.clone(),
-        versions: pkg.releases.iter().map(|r| r.version.clone()).collect(),
-        retired: pkg
-            .releases
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.retired.is_some())
-            .map(|(i, _)| i as i32)
-            .collect(),
-    }
-}
-
 pub fn row(pkg: &pb::Package) -> Row {
-    let entry = versions_entry(pkg);
+    // `versions` and `names` are Hex's view: a package without Hex releases
+    // has no entry in them (an empty row adds nothing).
     let mut versions = Vec::new();
-    prost::encoding::message::encode(1, &entry, &mut versions);
     let mut names = Vec::new();
-    prost::encoding::message::encode(
-        1,
-        &pb::NamesPackage {
-            name: pkg.name.clone(),
-        },
-        &mut names,
-    );
+    if let Some(view) = hex_view(pkg) {
+        prost::encoding::message::encode(1, &versions_entry(&view), &mut versions);
+        prost::encoding::message::encode(
+            1,
+            &pb::NamesPackage {
+                name: pkg.name.clone(),
+            },
+            &mut names,
+        );
+    }
     // A summary always serializes (string fields only).
     let json = serde_json::to_vec(&summary(pkg)).expect("summaries serialize");
     // A cut depends on the name alone, so adding or changing a package
@@ -540,17 +394,10 @@ pub fn global_files(
     })
 }
 
-/// How many freshness bins a repository's package digests are spread over.
-pub const FRESHNESS_BINS: usize = 256;
-
-/// The freshness bin of a package: the first byte of the SHA-256 of its name
-/// (uniform, and the same on every machine).
-pub fn bin_of(name: &str) -> u8 {
-    Sha256::digest(name.as_bytes())[0]
-}
-
-/// `freshness-bins/XX`: the digest of every `packages/NAME` in bin `bin`,
-/// by package name. Plain protobuf: the signed `freshness` holds its digest.
+/// `freshness-bins/XX`: the digest of every package index (`packages/NAME`
+/// and `niso/packages/NAME`) of the packages in bin `bin`, by path relative
+/// to the repository. Plain protobuf: the signed `freshness` holds its
+/// digest.
 pub fn freshness_bin(repository: &str, bin: u8, digests: &BTreeMap<String, Digest256>) -> Vec<u8> {
     use prost::Message;
     pb::FreshnessBin {
@@ -558,8 +405,8 @@ pub fn freshness_bin(repository: &str, bin: u8, digests: &BTreeMap<String, Diges
         bin: u32::from(bin),
         files: digests
             .iter()
-            .map(|(name, d)| pb::FileDigest {
-                path: format!("{}/{name}", super::layout::PACKAGES_DIR),
+            .map(|(path, d)| pb::FileDigest {
+                path: path.clone(),
                 sha256: d.sha256.to_vec(),
                 length: d.length,
             })

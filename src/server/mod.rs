@@ -23,7 +23,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
@@ -97,7 +98,7 @@ struct Writer {
     store: Arc<dyn Store>,
     signer: Arc<dyn Signer>,
     options: Options,
-    committers: Mutex<HashMap<Option<RepoName>, Arc<Committer>>>,
+    committers: tokio::sync::Mutex<HashMap<Option<RepoName>, Arc<Committer>>>,
 }
 
 pub type AppState = Arc<App>;
@@ -107,9 +108,11 @@ pub type AppState = Arc<App>;
 pub type WriteSide = (Arc<dyn Store>, Arc<dyn Signer>, Options);
 
 impl App {
-    /// A server that reads and writes the tree at `tree`.
+    /// A server that reads and writes the tree at `tree`. Every repository
+    /// already in the tree is opened and recovered (changes cut off by a
+    /// crash are finished) before the server answers.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub async fn new(
         settings: Settings,
         tree: PathBuf,
         staging: PathBuf,
@@ -121,7 +124,7 @@ impl App {
             store,
             signer,
             options,
-            committers: Mutex::new(HashMap::new()),
+            committers: tokio::sync::Mutex::new(HashMap::new()),
         });
         let app = Self {
             key_limiter: RateLimiter::new(settings.rate_limit_key),
@@ -134,21 +137,36 @@ impl App {
             keys,
             writer,
         };
-        // Open the root repository now, so a broken tree fails at start-up.
-        if app.writer.is_some() {
-            app.committer(None)?;
+        // Open every repository now, so a broken tree fails at start-up and
+        // cut-off changes are finished before anyone reads.
+        if let Some(w) = &app.writer {
+            app.committer(None).await?;
+            let mut orgs = BTreeSet::new();
+            for p in w.store.list(crate::index::layout::REPOS_DIR).await? {
+                if let Some(org) = p.as_str().split('/').nth(1) {
+                    orgs.insert(org.to_string());
+                }
+            }
+            for org in orgs {
+                if let Ok(org) = RepoName::new(&org) {
+                    app.committer(Some(&org)).await?;
+                }
+            }
         }
         Ok(app)
     }
 
     /// The committer of the root repository (`org` = None) or of an
     /// organization's, opening its publisher on first use.
-    pub fn committer(&self, org: Option<&RepoName>) -> Result<Arc<Committer>, PublishError> {
+    pub async fn committer(
+        &self,
+        org: Option<&RepoName>,
+    ) -> Result<Arc<Committer>, PublishError> {
         let w = self
             .writer
             .as_ref()
             .ok_or_else(|| PublishError::Invalid("this registry is read-only".into()))?;
-        let mut map = w.committers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = w.committers.lock().await;
         if let Some(c) = map.get(&org.cloned()) {
             return Ok(c.clone());
         }
@@ -162,7 +180,20 @@ impl App {
             repo,
             layout,
             w.options.clone(),
-        )?;
+        )
+        .await?;
+        let report = publisher.recover().await?;
+        if !report.adopted.is_empty() || !report.discarded.is_empty() || report.files_written > 0
+        {
+            tracing::info!(
+                repository = %publisher.repository(),
+                adopted = report.adopted.len(),
+                discarded = report.discarded.len(),
+                written = report.files_written,
+                removed = report.files_removed,
+                "recovered the tree"
+            );
+        }
         let c = Arc::new(Committer::start(Arc::new(publisher)));
         map.insert(org.cloned(), c.clone());
         Ok(c)

@@ -17,7 +17,7 @@ use crate::auth::{Action, KeyRecord};
 use crate::ident::{Arch, PackageName, RepoName, TagName, Version};
 use crate::index::json;
 use crate::index::layout;
-use crate::publish::{unix_now, PublisherSignature, Upload};
+use crate::publish::{unix_now, PublisherSignature, StagedFile, Upload};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::files::{self, json_response, ListQuery};
 use crate::server::middleware::Caller;
@@ -174,26 +174,35 @@ pub async fn upload(
         }
         _ => None,
     };
-    let committer = app.committer(org.as_ref())?;
-    let uploaded_at = unix_now();
+    let committer = app.committer(org.as_ref()).await?;
+    // The staged file now belongs to the upload: if this client hangs up,
+    // the change that publishes it keeps it.
     let published = committer
         .publish(Upload {
             info,
-            staged: staged.path().to_path_buf(),
-            uploaded_at,
+            staged: StagedFile::Owned(staged.into_temp_path()),
+            uploaded_at: unix_now(),
             signature: publisher_signature,
         })
         .await?;
-    drop(staged);
+    // The same answer for a retry of the same bytes (its first upload
+    // time), so a client whose answer was lost can simply send again.
     let body = serde_json::json!({
         "name": published.name.as_str(),
         "version": published.version.as_str(),
         "arch": published.arch.as_str(),
         "size": published.size,
         "sha256": hex::encode(published.sha256),
-        "uploaded_at": json::rfc3339(uploaded_at),
+        "uploaded_at": json::rfc3339(published.uploaded_at),
     });
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    let mut resp = (StatusCode::CREATED, Json(body)).into_response();
+    if !published.created {
+        resp.headers_mut().insert(
+            "x-niso-already-published",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(resp)
 }
 
 fn archive_limits(app: &AppState) -> crate::limits::Limits {
@@ -244,11 +253,9 @@ pub async fn delete_artifact(
     let org = org_of(&params)?;
     let (name, version, arch) = parse_ids(&params)?;
     require(&caller, Action::Delete, org.as_ref(), &name)?;
-    let publisher = app.committer(org.as_ref())?.publisher().clone();
+    let publisher = app.committer(org.as_ref()).await?.publisher().clone();
     let (n, v, a) = (name.clone(), version.clone(), arch.clone());
-    tokio::task::spawn_blocking(move || publisher.delete(&n, &v, &a))
-        .await
-        .map_err(ApiError::internal)??;
+    publisher.delete(&n, &v, &a).await?;
     Ok(Json(serde_json::json!({
         "name": name.as_str(), "version": version.as_str(), "arch": arch.as_str(), "deleted": true
     }))
@@ -280,11 +287,9 @@ pub async fn set_tag(
     })?;
     let tag = TagName::new(&req.tag).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let version = Version::new(&req.version).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let publisher = app.committer(org.as_ref())?.publisher().clone();
+    let publisher = app.committer(org.as_ref()).await?.publisher().clone();
     let (n, t, v) = (name.clone(), tag.clone(), version.clone());
-    tokio::task::spawn_blocking(move || publisher.set_tag(&n, &t, &v))
-        .await
-        .map_err(ApiError::internal)??;
+    publisher.set_tag(&n, &t, &v).await?;
     Ok(
         Json(serde_json::json!({ "tag": tag.as_str(), "version": version.as_str() }))
             .into_response(),
