@@ -239,7 +239,7 @@ impl KeyStore {
         Ok(Some(KeyRecord {
             id,
             name,
-            scopes: Scopes::parse(&scopes)?,
+            scopes: Scopes::parse_stored(&scopes),
             created_at,
             last_used: Some(now),
             publisher_key: publisher_key.and_then(|k| <[u8; 32]>::try_from(k).ok()),
@@ -275,7 +275,7 @@ impl KeyStore {
             out.push(KeyRecord {
                 id,
                 name,
-                scopes: Scopes::parse(&scopes)?,
+                scopes: Scopes::parse_stored(&scopes),
                 created_at,
                 last_used,
                 publisher_key: publisher_key.and_then(|k| <[u8; 32]>::try_from(k).ok()),
