@@ -328,14 +328,21 @@ fn search_and_pagination_follow_seed_002() {
     assert_eq!(names, ["decimal", "jason"]);
     assert_eq!(page["pagination"]["total"], 3);
     assert_eq!(page["pagination"]["prev"], Value::Null);
+    // Links are relative: never built from Host, right behind any proxy.
     let next = page["pagination"]["next"].as_str().unwrap().to_string();
-    assert_eq!(next, s.url("/v1/packages?page=2&per_page=2"));
-    let page2: Value = c.get(&next).send().unwrap().json().unwrap();
+    assert_eq!(next, "/v1/packages?page=2&per_page=2");
+    let page2: Value = c
+        .get(s.url(&next))
+        .header("host", "evil.example")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(page2["packages"][0]["name"], "plug");
     assert_eq!(page2["pagination"]["next"], Value::Null);
     assert_eq!(
         page2["pagination"]["prev"],
-        s.url("/v1/packages?page=1&per_page=2")
+        "/v1/packages?page=1&per_page=2"
     );
     let desc: Value = c
         .get(s.url("/v1/packages?sort_by=name&order=desc"))
@@ -546,8 +553,13 @@ fn organization_repositories_are_private_to_pull_scopes() {
         StatusCode::FORBIDDEN
     );
     assert_eq!(
-        check(Some(&team_pull), "/repos/team/tarballs/jason-1.4.4.tar?x=1"),
+        check(Some(&team_pull), "/repos/team/tarballs/jason-1.4.4.tar"),
         StatusCode::OK
+    );
+    // nginx sends its normalised `$uri`, which has no query.
+    assert_eq!(
+        check(Some(&team_pull), "/repos/team/tarballs/jason-1.4.4.tar?x=1"),
+        StatusCode::BAD_REQUEST
     );
     assert_eq!(check(None, "/packages/jason"), StatusCode::OK);
     s.assert_tree_verifies();

@@ -59,7 +59,9 @@ pub enum Scope {
     /// A stored scope that today's rules refuse (a key made before `**` was
     /// refused): it allows nothing, and is shown as it was stored so an
     /// admin can see the key and revoke it.
-    Disabled { text: String },
+    Disabled {
+        text: String,
+    },
 }
 
 impl PartialEq for Scope {
@@ -183,9 +185,7 @@ impl Scope {
             } => {
                 *a == action
                     && match pattern.split_once('/') {
-                        Some((o, _)) => {
-                            org_matches(o, org) || matcher.is_match(format!("{org}/x"))
-                        }
+                        Some((o, _)) => org_matches(o, org) || matcher.is_match(format!("{org}/x")),
                         None => false,
                     }
             }

@@ -8,11 +8,13 @@
 //!   into one index rewrite, and from there through the same publisher as
 //!   `niso registry build`.
 //! * Every request passes [`middleware`]: authentication (keys from the
-//!   [`KeyStore`]), rate limiting, one log line.
+//!   [`KeyStore`]), rate limiting, one log line; and, before routing, the
+//!   [`door`], which refuses a bad path or rewrites it to its normal form.
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests bind port 0.
 
 pub mod committer;
+pub mod door;
 pub mod error;
 pub mod files;
 pub mod handlers;
@@ -29,6 +31,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use tower::Layer;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 
@@ -191,7 +194,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/auth/publisher-key",
             post(handlers::keys::register_publisher_key),
         )
-        .route("/v1/auth/check", get(handlers::keys::check_pull))
+        .route("/v1/auth/check", get(handlers::check::check_pull))
         .route(
             "/v1/packages/{name}/tags",
             post(handlers::packages::set_tag).get(files::serve_tree),
@@ -225,7 +228,7 @@ pub fn router(state: AppState) -> Router {
             post(handlers::packages::upload).get(files::serve_tree),
         )
         .layer(DefaultBodyLimit::disable());
-    Router::new()
+    let routes = Router::new()
         .merge(api)
         .merge(uploads)
         .fallback(get(files::serve_tree))
@@ -233,13 +236,19 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             middleware::authenticate,
         ))
+        .with_state(state.clone());
+    // The door runs before routing (a layer added with `Router::layer` runs
+    // after it): the routes, their parameters and the handlers see only
+    // the normal form of the path.
+    let normalised = axum::middleware::from_fn(door::normalise_request).layer(routes);
+    Router::new()
+        .fallback_service(normalised)
         .layer(axum::middleware::from_fn(middleware::log_request))
         .layer(cors)
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state,
             files::fast_static,
         ))
-        .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.

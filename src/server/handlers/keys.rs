@@ -1,10 +1,9 @@
-//! Key management (admin only), publisher keys, and the pull check nginx's
-//! `auth_request` asks.
+//! Key management (admin only) and publisher keys.
 
 use std::collections::HashMap;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine;
@@ -14,7 +13,6 @@ use crate::auth::{KeyRecord, KeyStore, KeyStoreError, Scopes};
 use crate::index::json::rfc3339;
 use crate::publish::unix_now;
 use crate::server::error::{ApiError, ApiResult};
-use crate::server::files;
 use crate::server::middleware::Caller;
 use crate::server::AppState;
 
@@ -166,21 +164,4 @@ pub async fn register_publisher_key(
         .find(|k| k.id == key.id)
         .ok_or_else(|| ApiError::not_found("key revoked"))?;
     Ok(Json(key_json(&record)).into_response())
-}
-
-/// `GET /v1/auth/check`: for nginx `auth_request`. The path to check comes
-/// in `X-Original-URI`; answers 200 (may pull), 401 (no key) or 403.
-pub async fn check_pull(
-    State(app): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let uri = headers
-        .get("x-original-uri")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::bad_request("X-Original-URI header required"))?;
-    let path = uri.split('?').next().unwrap_or(uri);
-    let req = files::split_repo(path)?;
-    files::may_pull(&app, &caller, req.org.as_ref(), &req.rest)?;
-    Ok(StatusCode::OK.into_response())
 }

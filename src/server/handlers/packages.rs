@@ -5,7 +5,7 @@ use std::io::Write;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine;
@@ -18,6 +18,7 @@ use crate::ident::{Arch, PackageName, RepoName, TagName, Version};
 use crate::index::json;
 use crate::index::layout;
 use crate::publish::{unix_now, PublisherSignature, Upload};
+use crate::server::door::{self, Target};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::files::{self, json_response, ListQuery};
 use crate::server::middleware::Caller;
@@ -296,13 +297,11 @@ pub async fn set_tag(
 pub async fn search(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(params): Path<HashMap<String, String>>,
+    Extension(target): Extension<Target>,
     Query(query): Query<ListQuery>,
-    uri: Uri,
-    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let org = org_of(&params)?;
-    files::may_pull(&app, &caller, org.as_ref(), "v1/packages/index.json")?;
+    let org = target.repo.clone();
+    door::authorize_caller(&app, &caller, &target.access())?;
     let term = query.q.clone().unwrap_or_default();
     let needle = term.trim().to_ascii_lowercase();
     if needle.is_empty() || needle.len() > 100 {
@@ -348,8 +347,7 @@ pub async fn search(
         files::page_of(
             results,
             &query,
-            &uri,
-            &headers,
+            &target.path,
             files::package_sort_key,
             "name",
         )?
@@ -358,14 +356,15 @@ pub async fn search(
         let (page, pagination) = files::page_of(
             ranked,
             &query,
-            &uri,
-            &headers,
+            &target.path,
             |(i, _), _| Ok(format!("{i:010}")),
             "rank",
         )?;
         (page.into_iter().map(|(_, p)| p).collect(), pagination)
     };
-    Ok(json_response(
+    let mut resp = json_response(
         &serde_json::json!({ "term": term, "results": results, "pagination": pagination }),
-    ))
+    );
+    files::set_cache_control(&mut resp, &target);
+    Ok(resp)
 }
