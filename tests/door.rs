@@ -825,3 +825,47 @@ fn writes_are_routed_by_the_path_the_door_reads() {
         .exists());
     s.assert_tree_verifies();
 }
+
+#[test]
+fn no_scope_crosses_into_every_organization_or_lists_one_it_only_partly_covers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    for scope in ["pull:**", "push:**", "pull:team/**"] {
+        let r = raw(
+            &s.addr,
+            "POST",
+            "/v1/auth/keys",
+            &[
+                ("Authorization", &format!("Bearer {}", s.admin)),
+                ("Content-Type", "application/json"),
+            ],
+            json!({ "name": "wide", "scopes": [scope] })
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 400, "{scope}");
+        assert!(r.json()["error"].as_str().unwrap().contains("'**'"));
+    }
+    publish_fixtures(&s.addr, &s.admin);
+    let web = create_key(&s, "web", &["pull:team/my-*"]);
+    for (path, status) in [
+        ("/repos/team/packages/my-app", 200),
+        ("/repos/team/v1/packages/my-app/latest/x86_64", 200),
+        ("/repos/team/public_key", 200),
+        ("/repos/team/packages/jason", 403),
+        ("/repos/team/names", 403),
+        ("/repos/team/versions", 403),
+        ("/repos/team/v1/packages", 403),
+        ("/repos/team/v1/packages/index.json", 403),
+        ("/repos/team/v1/packages?page=1&per_page=5", 403),
+        ("/repos/team/v1/search?q=a", 403),
+    ] {
+        let r = get(&s.addr, path, Some(&web));
+        assert_eq!(r.status, status, "{path}");
+        if status == 403 && !path.contains("jason") {
+            // No other package's name leaks into the refusal.
+            let text = String::from_utf8_lossy(&r.body);
+            assert!(!text.contains("jason"), "{path}: {text}");
+        }
+    }
+}
