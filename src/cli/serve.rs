@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -28,6 +29,12 @@ pub const ADMIN_KEY_ENV: &str = "NISO_ADMIN_KEY";
 ///
 /// With --read-only it serves only the tree (a data directory, or any
 /// directory holding one), for mirrors and air-gapped copies.
+///
+/// Slow clients are closed: a request head must arrive within
+/// --header-timeout (also the keep-alive idle timeout), an upload must keep
+/// --upload-min-rate and finish within --upload-timeout, other requests
+/// within --request-timeout. At most --max-connections are open at once;
+/// when all are, the one idle longest is closed for a new one.
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
 Examples:
@@ -62,6 +69,31 @@ pub struct ServeArgs {
     /// X-Forwarded-For instead of the proxy's.
     #[arg(long)]
     trust_proxy: bool,
+    /// Failed authentications a minute allowed per client IP (0: no limit);
+    /// beyond it, every request from that IP that sends a key gets 429.
+    #[arg(long, default_value_t = 30)]
+    rate_limit_auth_failures: u32,
+    /// Seconds a client has to send a request's headers; also how long an
+    /// idle keep-alive connection stays open.
+    #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
+    /// Seconds allowed for a whole request other than an upload.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
+    /// Slowest upload accepted, in bytes a second, averaged over each
+    /// --upload-rate-window (0: no minimum). A slower one gets 408.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096)]
+    upload_min_rate: u64,
+    /// Seconds over which --upload-min-rate is averaged.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    upload_rate_window: u64,
+    /// Seconds allowed to receive a whole upload.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    upload_timeout: u64,
+    /// Connections open at once [default: half the open-file limit left
+    /// after a reserve for the server's own files; 448 for 1024 files].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
 }
 
 impl ServeArgs {
@@ -70,8 +102,18 @@ impl ServeArgs {
             max_upload: self.max_upload,
             rate_limit_key: self.rate_limit_key,
             rate_limit_ip: self.rate_limit_ip,
+            rate_limit_auth_failures: self.rate_limit_auth_failures,
             read_only: self.read_only,
             trust_proxy: self.trust_proxy,
+            header_timeout: Duration::from_secs(self.header_timeout),
+            request_timeout: Duration::from_secs(self.request_timeout),
+            upload_min_rate: self.upload_min_rate,
+            upload_rate_window: Duration::from_secs(self.upload_rate_window),
+            upload_timeout: Duration::from_secs(self.upload_timeout),
+            max_connections: match self.max_connections {
+                Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+                None => server::accept::default_max_connections(),
+            },
             ..Settings::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
