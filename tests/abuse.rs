@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use common::{fixtures, snapshot, Server, ADMIN_KEY};
 use reqwest::blocking::{Client, Response};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn niso_bin() -> PathBuf {
     std::env::var_os("NISO_TEST_BIN")
@@ -478,4 +479,291 @@ fn health_is_never_rate_limited_or_authenticated() {
         c.get(s.url("/health")).send().unwrap().status(),
         StatusCode::OK
     );
+}
+
+// ---------------------------------------------------------------- item 9
+
+fn admin_id(s: &Server, key: &str) -> String {
+    let keys: Value = client()
+        .get(s.url("/v1/auth/keys"))
+        .bearer_auth(key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "admin")
+        .expect("the bootstrap admin key")["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn the_last_admin_key_cannot_be_revoked_and_the_data_directory_makes_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start_default(tmp.path(), &[]);
+    let c = client();
+    let id = admin_id(&s, &s.admin);
+    let revoke = |id: &str, key: &str| {
+        c.delete(s.url(&format!("/v1/auth/keys/{id}")))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+    };
+    let msg = error_of(revoke(&id, &s.admin), StatusCode::CONFLICT);
+    assert!(msg.contains("only admin key"), "{msg}");
+    assert!(msg.contains(&id), "{msg}");
+    assert_eq!(
+        c.get(s.url("/v1/auth/keys"))
+            .bearer_auth(&s.admin)
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK,
+        "the key still works"
+    );
+
+    // The way back, with the server running: only the data directory.
+    let dd = niso::datadir::DataDir::open(&s.data_dir).unwrap();
+    let rescue = dd
+        .key_store()
+        .unwrap()
+        .create(
+            "rescue",
+            &niso::auth::Scopes::parse(&["admin"]).unwrap(),
+            niso::publish::unix_now(),
+            None,
+        )
+        .unwrap();
+    let rescue_key = rescue.key.expose().to_string();
+    // With two admins, one may go; then the other is the last.
+    assert_eq!(revoke(&id, &rescue_key).status(), StatusCode::OK);
+    error_of(
+        c.get(s.url("/v1/auth/keys"))
+            .bearer_auth(&s.admin)
+            .send()
+            .unwrap(),
+        StatusCode::UNAUTHORIZED,
+    );
+    let msg = error_of(revoke(&rescue.record.id, &rescue_key), StatusCode::CONFLICT);
+    assert!(msg.contains("only admin key"), "{msg}");
+}
+
+#[test]
+fn a_malformed_admin_key_in_the_environment_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = Command::new(niso_bin())
+        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("NISO_ADMIN_KEY", "hunter2")
+        .env_remove("NISO_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!data.exists(), "a registry was created: {stderr}");
+    assert!(
+        stderr.contains("NISO_ADMIN_KEY is refused, nothing was changed")
+            && stderr.contains("is not a niso API key"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_admin_key_in_the_environment_of_a_registry_that_has_keys_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    drop(start(&data, Start::default()));
+    // The same key again: a restart with the same environment, nothing to say.
+    let (_s, said) = start(&data, Start::default());
+    assert!(!said.join("\n").contains("NISO_ADMIN_KEY"), "{said:?}");
+    drop(_s);
+    let other = "niso_k1_AnotherAdminKey00000000000000000";
+    let (s, said) = start(
+        &data,
+        Start {
+            admin_key: Some(other),
+            ..Start::default()
+        },
+    );
+    let said = said.join("\n");
+    assert!(
+        said.contains("warning: NISO_ADMIN_KEY is ignored")
+            && said.contains("niso registry create-key --data-dir"),
+        "{said}"
+    );
+    error_of(
+        client()
+            .get(s.url("/v1/auth/keys"))
+            .bearer_auth(other)
+            .send()
+            .unwrap(),
+        StatusCode::UNAUTHORIZED,
+    );
+}
+
+// ---------------------------------------------------------------- item 8
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn create_key(s: &Server, name: &str, scopes: &[&str]) -> (String, String) {
+    let r = client()
+        .post(s.url("/v1/auth/keys"))
+        .bearer_auth(&s.admin)
+        .json(&json!({ "name": name, "scopes": scopes }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = r.json().unwrap();
+    (
+        v["id"].as_str().unwrap().into(),
+        v["key"].as_str().unwrap().into(),
+    )
+}
+
+fn read_package(tree: &Path, name: &str) -> niso::index::pb::Package {
+    let key = niso::index::PublicKey::from_file(&tree.join("public_key")).unwrap();
+    let bytes = std::fs::read(tree.join("packages").join(name)).unwrap();
+    niso::index::decode_index(&bytes, &key, "acme", 1 << 24).unwrap()
+}
+
+#[test]
+fn publisher_keys_are_registered_by_an_admin_required_on_upload_and_listed() {
+    use ed25519_dalek::Signer as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start_default(tmp.path(), &[]);
+    let c = client();
+    let (id, key) = create_key(&s, "ci", &["push:*"]);
+    let first = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let second = ed25519_dalek::SigningKey::from_bytes(&[43; 32]);
+    let register = |as_key: &str, for_id: &str, public: &[u8]| {
+        c.post(s.url(&format!("/v1/auth/keys/{for_id}/publisher-key")))
+            .bearer_auth(as_key)
+            .json(&json!({ "public_key": b64(public) }))
+            .send()
+            .unwrap()
+    };
+    let public = first.verifying_key().to_bytes();
+
+    // A key may not choose its own publisher key, by either route.
+    let msg = error_of(register(&key, &id, &public), StatusCode::FORBIDDEN);
+    assert!(msg.contains("admin"), "{msg}");
+    let r = c
+        .post(s.url("/v1/auth/publisher-key"))
+        .bearer_auth(&key)
+        .json(&json!({ "public_key": b64(&public) }))
+        .send()
+        .unwrap();
+    let msg = error_of(r, StatusCode::GONE);
+    assert!(
+        msg.contains("POST /v1/auth/keys/{id}/publisher-key"),
+        "{msg}"
+    );
+    // Bad requests by an admin change nothing.
+    error_of(
+        register(&s.admin, "key_nope", &public),
+        StatusCode::NOT_FOUND,
+    );
+    let msg = error_of(
+        register(&s.admin, &id, &public[..31]),
+        StatusCode::BAD_REQUEST,
+    );
+    assert!(msg.contains("32 bytes"), "{msg}");
+    let listed: Value = c
+        .get(s.url("/v1/auth/publisher-keys"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(listed, json!({ "publisher_keys": [] }));
+
+    // The admin registers it.
+    let r = register(&s.admin, &id, &public);
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["id"], id.as_str());
+    let index_key_id = v["publisher_key_id"].as_str().unwrap().to_string();
+
+    // From now on this key must sign.
+    let body = fixture("niso", "my-app-1.0.0-x86_64.niso");
+    let before = snapshot(&s.tree());
+    let r = c
+        .post(s.url("/v1/packages/my-app/1.0.0/x86_64"))
+        .bearer_auth(&key)
+        .body(body.clone())
+        .send()
+        .unwrap();
+    let msg = error_of(r, StatusCode::BAD_REQUEST);
+    assert!(
+        msg.contains("has a publisher key") && msg.contains("X-Niso-Signature"),
+        "{msg}"
+    );
+    assert_eq!(snapshot(&s.tree()), before, "the tree changed");
+    let r = c
+        .post(s.url("/v1/packages/my-app/1.0.0/x86_64"))
+        .bearer_auth(&key)
+        .header("x-niso-signature", b64(&first.sign(&body).to_bytes()))
+        .body(body.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // Listed with the whole public key and the id the index stores.
+    let listed: Value = c
+        .get(s.url("/v1/auth/publisher-keys"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let entry = &listed["publisher_keys"][0];
+    assert_eq!(entry["api_key_id"], id.as_str());
+    assert_eq!(entry["api_key_name"], "ci");
+    assert_eq!(entry["public_key"], b64(&public));
+    assert_eq!(entry["index_key_id"], index_key_id.as_str());
+    assert_eq!(entry["retired_at"], Value::Null);
+    let artifact = &read_package(&s.tree(), "my-app").releases[0].artifacts[0];
+    assert_eq!(
+        artifact.publisher_key_id.as_deref(),
+        Some(index_key_id.as_str())
+    );
+
+    // Replacing it retires the old one, which stays listed: the release it
+    // signed is still in the index.
+    assert_eq!(
+        register(&s.admin, &id, &second.verifying_key().to_bytes()).status(),
+        StatusCode::OK
+    );
+    let listed: Value = c
+        .get(s.url("/v1/auth/publisher-keys"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let keys = listed["publisher_keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0]["retired_at"].is_string(), "{listed}");
+    assert_eq!(
+        keys[1]["public_key"],
+        b64(&second.verifying_key().to_bytes())
+    );
+    assert_eq!(keys[1]["retired_at"], Value::Null);
+    // The library call the publisher uses says the same.
+    let from_lib = niso::datadir::DataDir::open(&s.data_dir)
+        .unwrap()
+        .key_store()
+        .unwrap()
+        .publisher_keys()
+        .unwrap();
+    assert_eq!(from_lib.len(), 2);
+    assert_eq!(from_lib[0].public_key, public);
+    assert_eq!(from_lib[0].index_key_id(), index_key_id);
+    assert!(from_lib[0].retired_at.is_some() && from_lib[1].retired_at.is_none());
+    s.assert_tree_verifies();
 }

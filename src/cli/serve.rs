@@ -139,6 +139,9 @@ impl ServeArgs {
             let staging = std::env::temp_dir();
             (App::new(settings, tree, staging, name, None, None)?, None)
         } else {
+            // Checked before anything is written: a bad key must not leave a
+            // half-made registry behind.
+            let preset = admin_key_from_env()?;
             let dd = if DataDir::is_data_dir(&self.data_dir) {
                 DataDir::open(&self.data_dir)?
             } else {
@@ -153,15 +156,8 @@ impl ServeArgs {
                 dd
             };
             let lock = dd.lock()?;
-            let keys = KeyStore::open(&dd.root().join("keys.sqlite"))?;
+            let keys = dd.key_store()?;
             if keys.is_empty()? {
-                let preset = match std::env::var(ADMIN_KEY_ENV) {
-                    Ok(k) => Some(
-                        ApiKey::parse(&k)
-                            .with_context(|| format!("{ADMIN_KEY_ENV} is not a niso API key"))?,
-                    ),
-                    Err(_) => None,
-                };
                 let from_env = preset.is_some();
                 let new = keys.create("admin", &Scopes::parse(&["admin"])?, unix_now(), preset)?;
                 if from_env {
@@ -172,6 +168,8 @@ impl ServeArgs {
                         new.key.expose()
                     );
                 }
+            } else if let Some(preset) = preset {
+                warn_unused_admin_key(&keys, &preset, &self.data_dir)?;
             }
             let signer: Arc<dyn Signer> = Arc::new(dd.key()?);
             let app = App::new(
@@ -193,4 +191,43 @@ impl ServeArgs {
         server::run(listener, Arc::new(app), server::shutdown_signal()).await?;
         Ok(Outcome::Success)
     }
+}
+
+/// The bootstrap admin key from `NISO_ADMIN_KEY`, if set; an error if it is
+/// set to something that is not a key.
+fn admin_key_from_env() -> anyhow::Result<Option<ApiKey>> {
+    match std::env::var(ADMIN_KEY_ENV) {
+        Ok(k) => Ok(Some(ApiKey::parse(&k).with_context(|| {
+            format!("{ADMIN_KEY_ENV} is refused, nothing was changed")
+        })?)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("{ADMIN_KEY_ENV} is refused, nothing was changed: it is not UTF-8, so not a niso API key")
+        }
+    }
+}
+
+/// `NISO_ADMIN_KEY` only makes the first key of a registry. On one that has
+/// keys, say so unless it is a live admin key already (a restart with the
+/// same environment), rather than let the operator believe it works.
+fn warn_unused_admin_key(
+    keys: &KeyStore,
+    preset: &ApiKey,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    match keys.find(preset)? {
+        Some(k) if k.scopes.is_admin() => {}
+        Some(k) => eprintln!(
+            "niso: warning: {ADMIN_KEY_ENV} is the key {} ({}), which is not an admin key; it was left as it is",
+            k.id, k.name
+        ),
+        None => eprintln!(
+            "niso: warning: {ADMIN_KEY_ENV} is ignored: {} already has API keys and this is not one of them \
+             (it was revoked, or set after the first start). To add an admin key: \
+             niso registry create-key --data-dir {} --scope admin --name NAME",
+            data_dir.display(),
+            data_dir.display()
+        ),
+    }
+    Ok(())
 }

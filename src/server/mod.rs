@@ -214,8 +214,16 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(handlers::keys::revoke_key),
         )
         .route(
-            "/v1/auth/publisher-key",
+            "/v1/auth/keys/{id}/publisher-key",
             post(handlers::keys::register_publisher_key),
+        )
+        .route(
+            "/v1/auth/publisher-keys",
+            get(handlers::keys::list_publisher_keys),
+        )
+        .route(
+            "/v1/auth/publisher-key",
+            post(handlers::keys::retired_publisher_key_route),
         )
         .route("/v1/auth/check", get(handlers::keys::check_pull))
         .route(

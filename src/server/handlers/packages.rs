@@ -322,10 +322,17 @@ type SignatureParts = (
     String,
 );
 
-/// Parses `X-Niso-Signature` and finds the key to check it with.
+/// Parses `X-Niso-Signature` and finds the key to check it with. A key that
+/// has a publisher key must sign: otherwise whoever steals the API key could
+/// publish unsigned archives in that publisher's name.
 fn signature_of(headers: &HeaderMap, key: &KeyRecord) -> ApiResult<Option<SignatureParts>> {
     let Some(value) = headers.get("x-niso-signature") else {
-        return Ok(None);
+        return match key.publisher_key_id() {
+            Some(id) => Err(ApiError::bad_request(format!(
+                "this API key has a publisher key ({id}): sign the archive with it and send the signature in X-Niso-Signature"
+            ))),
+            None => Ok(None),
+        };
     };
     let bytes = value
         .to_str()
@@ -341,7 +348,7 @@ fn signature_of(headers: &HeaderMap, key: &KeyRecord) -> ApiResult<Option<Signat
     })?;
     let (Some(public), Some(key_id)) = (key.publisher_key, key.publisher_key_id()) else {
         return Err(ApiError::bad_request(
-            "X-Niso-Signature given, but this API key has no publisher key: register one with POST /v1/auth/publisher-key",
+            "X-Niso-Signature given, but this API key has no publisher key: an admin registers one with POST /v1/auth/keys/{id}/publisher-key",
         ));
     };
     let vk = ed25519_dalek::VerifyingKey::from_bytes(&public).map_err(ApiError::internal)?;
