@@ -317,6 +317,43 @@ fn a_connection_in_the_middle_of_an_upload_is_never_closed_to_make_room() {
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 }
 
+#[test]
+fn a_client_that_stops_reading_a_download_is_closed_after_the_send_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start_default(tmp.path(), &["--send-timeout", "1"]);
+    // Larger than what the loopback's socket buffers hold.
+    let size = 48 << 20;
+    std::fs::write(s.tree().join("big.bin"), vec![7u8; size]).unwrap();
+    let mut c = connect(&s);
+    c.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // Read nothing while the send timeout passes, then everything there is.
+    std::thread::sleep(Duration::from_secs(3));
+    let began = Instant::now();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let closed = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => received += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break false
+            }
+            Err(_) => break true,
+        }
+        assert!(began.elapsed() < Duration::from_secs(20), "still reading");
+    };
+    assert!(
+        closed,
+        "the connection is still open after {received} bytes"
+    );
+    assert!(
+        received < size,
+        "the whole file came ({received} bytes): the server waited for the reader"
+    );
+}
+
 /// Sends an upload's head and first bytes, then trickles 10 bytes every
 /// `every`; returns the answer and how long it took to come.
 fn trickle_upload(s: &Server, every: Duration) -> (String, Duration) {

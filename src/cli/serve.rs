@@ -33,7 +33,8 @@ pub const ADMIN_KEY_ENV: &str = "NISO_ADMIN_KEY";
 /// Slow clients are closed: a request head must arrive within
 /// --header-timeout (also the keep-alive idle timeout), an upload must keep
 /// --upload-min-rate and finish within --upload-timeout, other requests
-/// within --request-timeout. At most --max-connections are open at once;
+/// within --request-timeout, and a client that stops reading its answer is
+/// closed after --send-timeout. At most --max-connections are open at once;
 /// when all are, the one idle longest is closed for a new one.
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
@@ -77,6 +78,10 @@ pub struct ServeArgs {
     /// idle keep-alive connection stays open.
     #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout: u64,
+    /// Seconds a client may leave its answer unread (a download stalled)
+    /// before its connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    send_timeout: u64,
     /// Seconds allowed for a whole request other than an upload.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout: u64,
@@ -106,6 +111,7 @@ impl ServeArgs {
             read_only: self.read_only,
             trust_proxy: self.trust_proxy,
             header_timeout: Duration::from_secs(self.header_timeout),
+            send_timeout: Duration::from_secs(self.send_timeout),
             request_timeout: Duration::from_secs(self.request_timeout),
             upload_min_rate: self.upload_min_rate,
             upload_rate_window: Duration::from_secs(self.upload_rate_window),

@@ -6,6 +6,10 @@
 //!   connection is ready for one (accepted, or done with the previous
 //!   request). So it is also the keep-alive idle timeout. hyper enforces it;
 //!   `axum::serve` sets no timer, which is why this loop exists.
+//! * A client that stops reading its answer (a download left hanging) is
+//!   closed once a write to it has made no progress for
+//!   [`ConnLimits::send_timeout`]; otherwise it would hold its connection,
+//!   which is busy and so never closed to make room, for ever.
 //! * At most [`ConnLimits::max_connections`] are open at once. Each holds a
 //!   descriptor, and may hold a file more (a download, an upload's staged
 //!   file): the default leaves room for that and for the process's own files
@@ -38,6 +42,7 @@ use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, Semaphore};
 use tower::{Service, ServiceExt};
 
@@ -47,6 +52,9 @@ pub struct ConnLimits {
     /// Time a client has to send a request head, from accept or from the end
     /// of its previous request.
     pub header_timeout: Duration,
+    /// Time a write to a client may make no progress before the connection
+    /// is closed.
+    pub send_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
 }
@@ -214,6 +222,98 @@ where
     }
 }
 
+/// A socket whose writes fail once they have been pending (the client's
+/// receive window full) for `limit` without a byte going out.
+struct SendStall<T> {
+    inner: T,
+    limit: Duration,
+    /// Running while the current write is pending; reset by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> SendStall<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After a pending write: an error once the stall has lasted `limit`.
+    fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<R>> {
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progressed<R>(
+        &mut self,
+        r: Poll<std::io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<R>> {
+        match r {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendStall<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendStall<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progressed(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.progressed(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progressed(r, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.progressed(r, cx)
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the
 /// requests in flight finish.
 pub async fn serve(
@@ -295,7 +395,8 @@ pub async fn serve(
             slot: slot.clone(),
             table: table.clone(),
         };
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        let io = TokioIo::new(SendStall::new(stream, limits.send_timeout));
+        let conn = graceful.watch(builder.serve_connection(io, svc));
         let table = table.clone();
         tokio::spawn(async move {
             tokio::select! {

@@ -68,6 +68,9 @@ pub struct Settings {
     /// Time a client has to send a request head (also the keep-alive idle
     /// timeout).
     pub header_timeout: Duration,
+    /// Time a write to a client may make no progress (the client stopped
+    /// reading) before its connection is closed.
+    pub send_timeout: Duration,
     /// Connections open at once (see [`accept::default_max_connections`]).
     pub max_connections: usize,
     /// Serve only the tree: no uploads, deletes, tags or key management.
@@ -90,6 +93,7 @@ impl Default for Settings {
             upload_rate_window: Duration::from_secs(30),
             upload_timeout: Duration::from_secs(3600),
             header_timeout: Duration::from_secs(20),
+            send_timeout: Duration::from_secs(60),
             max_connections: accept::default_max_connections(),
             read_only: false,
             trust_proxy: false,
@@ -284,6 +288,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let limits = accept::ConnLimits {
         header_timeout: state.settings.header_timeout,
+        send_timeout: state.settings.send_timeout,
         max_connections: state.settings.max_connections,
     };
     accept::serve(listener, router(state), limits, shutdown).await
