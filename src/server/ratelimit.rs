@@ -1,5 +1,7 @@
 //! Token-bucket rate limiting, per API key and per client IP (seed 002's
-//! `X-RateLimit-*` and `Retry-After` headers).
+//! `X-RateLimit-*` and `Retry-After` headers), and of failed
+//! authentications per client IP, where a request [`RateLimiter::peek`]s
+//! first and spends a token only when its key is refused.
 //!
 //! Each caller gets a bucket of `per_minute` tokens that refills at
 //! `per_minute / 60` tokens a second; a request takes one token. Buckets of
