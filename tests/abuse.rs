@@ -268,7 +268,7 @@ fn a_flood_of_slow_connections_under_a_low_descriptor_limit_does_not_starve_heal
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
         assert!(
-            began.elapsed() < Duration::from_secs(1),
+            began.elapsed() < Duration::from_secs(2),
             "/health took {:?}",
             began.elapsed()
         );
