@@ -323,9 +323,11 @@ fn a_client_that_stops_reading_a_download_is_closed_after_the_send_timeout() {
     let s = start_default(tmp.path(), &["--send-timeout", "1"]);
     // Larger than what the loopback's socket buffers hold.
     let size = 48 << 20;
-    std::fs::write(s.tree().join("big.bin"), vec![7u8; size]).unwrap();
+    // A file where the door serves archives (it serves no other names).
+    std::fs::create_dir_all(s.tree().join("tarballs")).unwrap();
+    std::fs::write(s.tree().join("tarballs/big-1.0.0.tar"), vec![7u8; size]).unwrap();
     let mut c = connect(&s);
-    c.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+    c.write_all(b"GET /tarballs/big-1.0.0.tar HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     // Read nothing while the send timeout passes, then everything there is.
     std::thread::sleep(Duration::from_secs(3));
