@@ -4,7 +4,7 @@
 //! ```text
 //! D/niso-registry.toml   settings: the repository name
 //! D/keys/repository.pem  the RSA signing key (0600), outside the served tree
-//! D/keys.sqlite          API keys, hashed (made by `serve`)
+//! D/keys.sqlite          API keys, hashed (made by `serve` or `create-key`)
 //! D/staging/             uploads being received, never served
 //! D/public/              the served tree (unless the config names another
 //!                        store, such as s3://BUCKET/PREFIX)
@@ -30,6 +30,7 @@ pub const CONFIG_FILE: &str = "niso-registry.toml";
 pub const KEY_FILE: &str = "keys/repository.pem";
 pub const PUBLIC_DIR: &str = "public";
 pub const STAGING_DIR: &str = "staging";
+pub const KEYS_FILE: &str = "keys.sqlite";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
@@ -51,6 +52,8 @@ pub enum DataDirError {
     Publish(#[from] PublishError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeyStoreError),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError {
@@ -178,6 +181,23 @@ impl DataDir {
 
     pub fn key(&self) -> Result<RepoKey, DataDirError> {
         Ok(RepoKey::from_file(&self.root.join(KEY_FILE))?)
+    }
+
+    /// The API key database (created if missing). It needs no lock: SQLite
+    /// serialises writers, so `create-key --data-dir` works beside a running
+    /// server, which sees a new key on its next request. That is the way
+    /// back in when no admin key is left:
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use niso::auth::Scopes;
+    /// let dd = niso::datadir::DataDir::open("/var/lib/niso-registry".as_ref())?;
+    /// let new = dd.key_store()?.create("rescue", &Scopes::parse(&["admin"])?, niso::publish::unix_now(), None)?;
+    /// println!("{}", new.key.expose()); // shown once
+    /// # Ok(()) }
+    /// ```
+    pub fn key_store(&self) -> Result<crate::auth::KeyStore, DataDirError> {
+        Ok(crate::auth::KeyStore::open(&self.root.join(KEYS_FILE))?)
     }
 
     /// The store the tree lives in: `url` if given (`--store`), else the

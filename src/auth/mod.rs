@@ -8,5 +8,8 @@
 pub mod keystore;
 pub mod scope;
 
-pub use keystore::{ApiKey, KeyRecord, KeyStore, KeyStoreError, NewKey};
+pub use keystore::{
+    publisher_key_fingerprint, publisher_key_id, ApiKey, KeyRecord, KeyStore, KeyStoreError,
+    NewKey, PublisherKeyRecord,
+};
 pub use scope::{Action, Scope, ScopeError, Scopes};

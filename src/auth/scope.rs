@@ -10,7 +10,14 @@
 //! (`_` read as `-`, see `PackageName::normalized`), so `push:my-*` also
 //! covers `my_app`. Packages of an organization repository are named
 //! `ORG/NAME` for scopes: `pull:acme/*` pulls every package of `acme`, and
-//! `*` alone never crosses into an organization.
+//! `*` alone never crosses into an organization. `**` is refused: globset
+//! reads it as "any run of characters, `/` included", which would make
+//! `pull:**` cross into every organization.
+//!
+//! An organization's listings (`names`, `versions`, `v1/packages`, search)
+//! name every package in it, so reading them needs a scope that covers the
+//! whole organization ([`Scopes::allows_all_in`]), not one that covers some
+//! of its packages.
 
 use std::fmt;
 
@@ -49,6 +56,12 @@ pub enum Scope {
         pattern: String,
         matcher: GlobMatcher,
     },
+    /// A stored scope that today's rules refuse (a key made before `**` was
+    /// refused): it allows nothing, and is shown as it was stored so an
+    /// admin can see the key and revoke it.
+    Disabled {
+        text: String,
+    },
 }
 
 impl PartialEq for Scope {
@@ -70,6 +83,7 @@ impl fmt::Display for Scope {
             Scope::Grant {
                 action, pattern, ..
             } => write!(f, "{}:{pattern}", action.as_str()),
+            Scope::Disabled { text } => f.write_str(text),
         }
     }
 }
@@ -110,6 +124,11 @@ impl Scope {
         if pattern.matches('/').count() > 1 {
             return Err(err("the glob may contain at most one '/' (ORG/NAME)"));
         }
+        if pattern.contains("**") {
+            return Err(err(
+                "'**' is not allowed: '*' never crosses '/'; name the organization (pull:acme/*) or use */*",
+            ));
+        }
         let pattern = pattern.replace('_', "-");
         let matcher = GlobBuilder::new(&pattern)
             .literal_separator(true)
@@ -131,6 +150,26 @@ impl Scope {
             Scope::Grant {
                 action: a, matcher, ..
             } => *a == action && matcher.is_match(subject),
+            Scope::Disabled { .. } => false,
+        }
+    }
+
+    /// Whether this scope allows `action` on every package of organization
+    /// `org`: its organization part matches `org` and its name part is `*`
+    /// (`pull:acme/*`, `pull:*/*`), or it is `admin`.
+    pub fn allows_all_in(&self, action: Action, org: &str) -> bool {
+        match self {
+            Scope::Admin => true,
+            Scope::Grant {
+                action: a, pattern, ..
+            } => {
+                *a == action
+                    && match pattern.split_once('/') {
+                        Some((o, "*")) => org_matches(o, org),
+                        _ => false,
+                    }
+            }
+            Scope::Disabled { .. } => false,
         }
     }
 
@@ -146,18 +185,22 @@ impl Scope {
             } => {
                 *a == action
                     && match pattern.split_once('/') {
-                        Some((o, _)) => {
-                            GlobBuilder::new(o)
-                                .build()
-                                .map(|g| g.compile_matcher().is_match(org))
-                                .unwrap_or(false)
-                                || matcher.is_match(format!("{org}/x"))
-                        }
+                        Some((o, _)) => org_matches(o, org) || matcher.is_match(format!("{org}/x")),
                         None => false,
                     }
             }
+            Scope::Disabled { .. } => false,
         }
     }
+}
+
+/// Whether the organization part of a glob matches `org`.
+fn org_matches(glob: &str, org: &str) -> bool {
+    GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher().is_match(org))
+        .unwrap_or(false)
 }
 
 /// The scopes of one key.
@@ -188,6 +231,26 @@ impl Scopes {
 
     pub fn allows_some_in(&self, action: Action, org: &str) -> bool {
         self.0.iter().any(|s| s.allows_some_in(action, org))
+    }
+
+    pub fn allows_all_in(&self, action: Action, org: &str) -> bool {
+        self.0.iter().any(|s| s.allows_all_in(action, org))
+    }
+
+    /// Scopes read back from the key store. One that today's rules refuse
+    /// becomes [`Scope::Disabled`] instead of failing: the key keeps
+    /// working for what its other scopes allow, and can still be listed
+    /// and revoked.
+    pub fn parse_stored<S: AsRef<str>>(list: &[S]) -> Self {
+        Scopes(
+            list.iter()
+                .map(|s| {
+                    Scope::parse(s.as_ref()).unwrap_or_else(|_| Scope::Disabled {
+                        text: s.as_ref().to_string(),
+                    })
+                })
+                .collect(),
+        )
     }
 
     pub fn to_strings(&self) -> Vec<String> {
@@ -245,6 +308,38 @@ mod tests {
     }
 
     #[test]
+    fn listings_need_a_scope_that_covers_the_whole_organization() {
+        for (scope, org, expected) in [
+            ("pull:acme/*", "acme", true),
+            ("pull:*/*", "acme", true),
+            ("pull:ac*/*", "acme", true),
+            ("admin", "acme", true),
+            ("pull:acme/web-*", "acme", false),
+            ("pull:acme/x", "acme", false),
+            ("pull:acme/*", "other", false),
+            ("pull:*", "acme", false),
+            ("push:acme/*", "acme", false),
+        ] {
+            assert_eq!(
+                s(scope).allows_all_in(Action::Pull, org),
+                expected,
+                "{scope} on {org}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stored_scope_refused_today_allows_nothing_and_is_kept() {
+        let scopes = Scopes::parse_stored(&["pull:**", "push:my-*"]);
+        assert_eq!(scopes.to_strings(), ["pull:**", "push:my-*"]);
+        assert!(!scopes.allows(Action::Pull, "acme/x"));
+        assert!(!scopes.allows(Action::Pull, "x"));
+        assert!(!scopes.allows_some_in(Action::Pull, "acme"));
+        assert!(!scopes.allows_all_in(Action::Pull, "acme"));
+        assert!(scopes.allows(Action::Push, "my-app"));
+    }
+
+    #[test]
     fn bad_scopes_are_refused_with_the_reason() {
         for bad in [
             "",
@@ -255,6 +350,11 @@ mod tests {
             "push:[ab]",
             "push:a/b/c",
             "admin:*",
+            "push:**",
+            "pull:**",
+            "pull:acme/**",
+            "pull:**/x",
+            "delete:a**b",
         ] {
             assert!(Scope::parse(bad).is_err(), "{bad:?}");
         }
@@ -264,6 +364,8 @@ mod tests {
             "{e}"
         );
         assert!(Scopes::parse::<&str>(&[]).is_err());
+        let e = Scope::parse("pull:**").unwrap_err().to_string();
+        assert!(e.contains("'**' is not allowed"), "{e}");
     }
 
     #[test]

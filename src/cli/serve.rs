@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -28,6 +29,13 @@ pub const ADMIN_KEY_ENV: &str = "NISO_ADMIN_KEY";
 ///
 /// With --read-only it serves only the tree (a data directory, or any
 /// directory holding one), for mirrors and air-gapped copies.
+///
+/// Slow clients are closed: a request head must arrive within
+/// --header-timeout (also the keep-alive idle timeout), an upload must keep
+/// --upload-min-rate and finish within --upload-timeout, other requests
+/// within --request-timeout, and a client that stops reading its answer is
+/// closed after --send-timeout. At most --max-connections are open at once;
+/// when all are, the one idle longest is closed for a new one.
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
 Examples:
@@ -62,6 +70,35 @@ pub struct ServeArgs {
     /// X-Forwarded-For instead of the proxy's.
     #[arg(long)]
     trust_proxy: bool,
+    /// Failed authentications a minute allowed per client IP (0: no limit);
+    /// beyond it, every request from that IP that sends a key gets 429.
+    #[arg(long, default_value_t = 30)]
+    rate_limit_auth_failures: u32,
+    /// Seconds a client has to send a request's headers; also how long an
+    /// idle keep-alive connection stays open.
+    #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
+    /// Seconds a client may leave its answer unread (a download stalled)
+    /// before its connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    send_timeout: u64,
+    /// Seconds allowed for a whole request other than an upload.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
+    /// Slowest upload accepted, in bytes a second, averaged over each
+    /// --upload-rate-window (0: no minimum). A slower one gets 408.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096)]
+    upload_min_rate: u64,
+    /// Seconds over which --upload-min-rate is averaged.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    upload_rate_window: u64,
+    /// Seconds allowed to receive a whole upload.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    upload_timeout: u64,
+    /// Connections open at once [default: half the open-file limit left
+    /// after a reserve for the server's own files; 448 for 1024 files].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
     /// The store holding the tree, instead of the data directory's
     /// configured one (s3://BUCKET/PREFIX or a directory).
     #[arg(long, value_name = "URL")]
@@ -74,8 +111,19 @@ impl ServeArgs {
             max_upload: self.max_upload,
             rate_limit_key: self.rate_limit_key,
             rate_limit_ip: self.rate_limit_ip,
+            rate_limit_auth_failures: self.rate_limit_auth_failures,
             read_only: self.read_only,
             trust_proxy: self.trust_proxy,
+            header_timeout: Duration::from_secs(self.header_timeout),
+            send_timeout: Duration::from_secs(self.send_timeout),
+            request_timeout: Duration::from_secs(self.request_timeout),
+            upload_min_rate: self.upload_min_rate,
+            upload_rate_window: Duration::from_secs(self.upload_rate_window),
+            upload_timeout: Duration::from_secs(self.upload_timeout),
+            max_connections: match self.max_connections {
+                Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+                None => server::accept::default_max_connections(),
+            },
             ..Settings::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -101,6 +149,9 @@ impl ServeArgs {
             let staging = std::env::temp_dir();
             App::new(settings, tree, staging, name, None, None).await?
         } else {
+            // Checked before anything is written: a bad key must not leave a
+            // half-made registry behind.
+            let preset = admin_key_from_env()?;
             let dd = if DataDir::is_data_dir(&self.data_dir) {
                 DataDir::open(&self.data_dir)?
             } else {
@@ -116,15 +167,8 @@ impl ServeArgs {
                 );
                 dd
             };
-            let keys = KeyStore::open(&dd.root().join("keys.sqlite"))?;
+            let keys = dd.key_store()?;
             if keys.is_empty()? {
-                let preset = match std::env::var(ADMIN_KEY_ENV) {
-                    Ok(k) => Some(
-                        ApiKey::parse(&k)
-                            .with_context(|| format!("{ADMIN_KEY_ENV} is not a niso API key"))?,
-                    ),
-                    Err(_) => None,
-                };
                 let from_env = preset.is_some();
                 let new = keys.create("admin", &Scopes::parse(&["admin"])?, unix_now(), preset)?;
                 if from_env {
@@ -135,6 +179,8 @@ impl ServeArgs {
                         new.key.expose()
                     );
                 }
+            } else if let Some(preset) = preset {
+                warn_unused_admin_key(&keys, &preset, &self.data_dir)?;
             }
             let signer: Arc<dyn Signer> = Arc::new(dd.key()?);
             App::new(
@@ -156,4 +202,43 @@ impl ServeArgs {
         server::run(listener, Arc::new(app), server::shutdown_signal()).await?;
         Ok(Outcome::Success)
     }
+}
+
+/// The bootstrap admin key from `NISO_ADMIN_KEY`, if set; an error if it is
+/// set to something that is not a key.
+fn admin_key_from_env() -> anyhow::Result<Option<ApiKey>> {
+    match std::env::var(ADMIN_KEY_ENV) {
+        Ok(k) => Ok(Some(ApiKey::parse(&k).with_context(|| {
+            format!("{ADMIN_KEY_ENV} is refused, nothing was changed")
+        })?)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("{ADMIN_KEY_ENV} is refused, nothing was changed: it is not UTF-8, so not a niso API key")
+        }
+    }
+}
+
+/// `NISO_ADMIN_KEY` only makes the first key of a registry. On one that has
+/// keys, say so unless it is a live admin key already (a restart with the
+/// same environment), rather than let the operator believe it works.
+fn warn_unused_admin_key(
+    keys: &KeyStore,
+    preset: &ApiKey,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    match keys.find(preset)? {
+        Some(k) if k.scopes.is_admin() => {}
+        Some(k) => eprintln!(
+            "niso: warning: {ADMIN_KEY_ENV} is the key {} ({}), which is not an admin key; it was left as it is",
+            k.id, k.name
+        ),
+        None => eprintln!(
+            "niso: warning: {ADMIN_KEY_ENV} is ignored: {} already has API keys and this is not one of them \
+             (it was revoked, or set after the first start). To add an admin key: \
+             niso registry create-key --data-dir {} --scope admin --name NAME",
+            data_dir.display(),
+            data_dir.display()
+        ),
+    }
+    Ok(())
 }

@@ -3,8 +3,9 @@
 //! same bytes. Two additions a static host cannot make: seed 002's
 //! pagination on the list endpoints, and `Content-Disposition` on downloads.
 //!
-//! Files of organization repositories (`/repos/ORG/…`) need a key with a
-//! matching `pull:` scope.
+//! Which file a path names, and who may read it, is the [`door`]'s answer:
+//! files of organization repositories (`/repos/ORG/…`) need a key with a
+//! matching `pull:` scope, and their answers are `Cache-Control: private`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -14,21 +15,19 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use prost::Message;
 use serde::Deserialize;
 
+use super::door::{self, FileKind, Spelling, Target, TreeFile};
 use super::error::{ApiError, ApiResult};
 use super::middleware::Caller;
 use super::AppState;
-use crate::auth::Action;
-use crate::ident::{PackageName, RepoName, Version};
 use crate::index::json;
 use crate::index::layout;
 use crate::index::pb;
-use crate::store::TreePath;
 
 /// Files up to this size are read whole; larger ones are streamed.
 const SMALL_FILE: u64 = 256 * 1024;
@@ -52,86 +51,12 @@ impl ListQuery {
     }
 }
 
-/// A request path split into its repository and the path inside it.
-pub struct TreeRequest {
-    pub org: Option<RepoName>,
-    pub rest: String,
-}
-
-pub fn split_repo(path: &str) -> Result<TreeRequest, ApiError> {
-    let path = path.trim_start_matches('/');
-    if let Some(after) = path.strip_prefix("repos/") {
-        let (org, rest) = after.split_once('/').unwrap_or((after, ""));
-        let org = RepoName::new(org).map_err(|_| ApiError::not_found("no such file"))?;
-        return Ok(TreeRequest {
-            org: Some(org),
-            rest: rest.to_string(),
-        });
-    }
-    Ok(TreeRequest {
-        org: None,
-        rest: path.to_string(),
-    })
-}
-
-/// The package a tree path belongs to, if any (for `pull:` checks and
-/// download names).
-pub fn package_of(rest: &str) -> Option<String> {
-    let mut parts = rest.split('/');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("packages"), Some(name), None) => Some(name.to_string()),
-        (Some("v1"), Some("packages"), Some(name)) if name != "index.json" => {
-            Some(name.to_string())
-        }
-        (Some("tarballs"), Some(file), None) => split_name_version(file.strip_suffix(".tar")?),
-        (Some("archives"), Some(file), None) => {
-            let stem = file.strip_suffix(".niso")?;
-            split_name_version(stem.rsplit_once('-')?.0)
-        }
-        _ => None,
-    }
-}
-
-fn split_name_version(stem: &str) -> Option<String> {
-    stem.match_indices('-').find_map(|(i, _)| {
-        let (name, version) = (&stem[..i], &stem[i + 1..]);
-        (PackageName::new(name).is_ok() && Version::new(version).is_ok()).then(|| name.to_string())
-    })
-}
-
-/// Whether `caller` may read `rest` in repository `org`.
-pub fn may_pull(
-    app: &AppState,
-    caller: &Caller,
-    org: Option<&RepoName>,
-    rest: &str,
-) -> Result<(), ApiError> {
-    let Some(org) = org else { return Ok(()) };
-    if app.keys.is_none() {
-        return Ok(());
-    }
-    let Some(key) = caller.key() else {
-        return Err(ApiError::unauthorized());
-    };
-    let allowed = match package_of(rest) {
-        Some(name) => key
-            .scopes
-            .allows(Action::Pull, &format!("{org}/{}", name.replace('_', "-"))),
-        None => key.scopes.allows_some_in(Action::Pull, org.as_str()),
-    };
-    if allowed {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden(format!(
-            "this key may not pull from repository {org}"
-        )))
-    }
-}
-
 /// The fast path for the common read: a public file, no key, no query, no
 /// rate limit to count. It skips routing, authentication and the other
 /// layers, which cost more than the file read itself; anything it cannot
-/// answer with 200/304 goes down the normal path.
+/// answer with 200/304 goes down the normal path. It decides from the same
+/// [`door::open`] as the normal path, so no spelling of a private file is
+/// public here.
 pub async fn fast_static(
     State(app): State<AppState>,
     req: axum::extract::Request,
@@ -140,21 +65,18 @@ pub async fn fast_static(
     let eligible = (req.method() == Method::GET || req.method() == Method::HEAD)
         && req.uri().query().is_none()
         && !app.ip_limiter.enabled()
-        && !req.headers().contains_key(header::AUTHORIZATION)
-        && is_plain_file_path(req.uri().path());
+        && !req.headers().contains_key(header::AUTHORIZATION);
     if !eligible {
         return next.run(req).await;
     }
-    let start = std::time::Instant::now();
-    let path = req.uri().path();
-    let rel = match path {
-        "/v1/packages" => layout::V1_INDEX,
-        p => p.trim_start_matches('/'),
-    };
-    let Ok(tree_path) = TreePath::new(rel) else {
+    let Ok(target) = door::open(req.uri().path().as_bytes(), Spelling::Raw) else {
         return next.run(req).await;
     };
-    match send_file(&app, &tree_path, rel, req.headers()).await {
+    if target.access() != door::Access::Public || target.file().is_none() {
+        return next.run(req).await;
+    }
+    let start = std::time::Instant::now();
+    match send_file(&app, &target, req.headers()).await {
         Ok(mut resp) => {
             resp.headers_mut().insert(
                 header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -162,7 +84,7 @@ pub async fn fast_static(
             );
             tracing::info!(
                 method = %req.method(),
-                path,
+                path = req.uri().path(),
                 status = resp.status().as_u16(),
                 ms = start.elapsed().as_secs_f64() * 1000.0,
                 "request"
@@ -173,21 +95,12 @@ pub async fn fast_static(
     }
 }
 
-/// Paths that are always public files: not the API, not an organization.
-fn is_plain_file_path(path: &str) -> bool {
-    !(path.starts_with("/repos/")
-        || path.starts_with("/v1/auth/")
-        || path.starts_with("/v1/search")
-        || path == "/health"
-        || path.ends_with('/'))
-}
-
-/// GET/HEAD of any path: a file of the tree.
+/// GET/HEAD of any path: a file of the tree, as the door names it.
 pub async fn serve_tree(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(target): Extension<Target>,
     method: Method,
-    uri: Uri,
     Query(query): Query<ListQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -197,32 +110,15 @@ pub async fn serve_tree(
             "method not allowed",
         ));
     }
-    let req = split_repo(uri.path())?;
-    may_pull(&app, &caller, req.org.as_ref(), &req.rest)?;
-    let prefix = req
-        .org
-        .as_ref()
-        .map(|o| format!("repos/{o}/"))
-        .unwrap_or_default();
-    let rest = req.rest.trim_end_matches('/');
-    let file = if rest == "v1/packages" {
-        layout::V1_INDEX.to_string()
-    } else {
-        rest.to_string()
+    let Some(file) = target.file() else {
+        return Err(ApiError::not_found("no such file"));
     };
-    let tree_path = TreePath::new(format!("{prefix}{file}"))
-        .map_err(|_| ApiError::not_found("no such file"))?;
-
-    if query.wants_pages() {
-        let parts: Vec<&str> = file.split('/').collect();
-        if file == layout::V1_INDEX
-            || (parts.len() == 4 && parts[0] == "v1" && parts[3] == "versions")
-        {
-            let bytes = read_small(&app.tree.join(tree_path.as_str())).await?;
-            return paginate(&file, &bytes, &query, &uri, &headers);
-        }
+    door::authorize_caller(&app, &caller, &target.access())?;
+    if query.wants_pages() && matches!(file.kind, FileKind::V1Index | FileKind::V1Versions(_)) {
+        let bytes = read_small(&app.tree.join(file.path.as_str())).await?;
+        return paginate(&target, &bytes, &query);
     }
-    send_file(&app, &tree_path, &file, &headers).await
+    send_file(&app, &target, &headers).await
 }
 
 async fn read_small(path: &Path) -> ApiResult<Vec<u8>> {
@@ -235,12 +131,14 @@ async fn read_small(path: &Path) -> ApiResult<Vec<u8>> {
     }
 }
 
-async fn send_file(
-    app: &AppState,
-    tree_path: &TreePath,
-    rel: &str,
-    headers: &HeaderMap,
-) -> ApiResult<Response> {
+async fn send_file(app: &AppState, target: &Target, headers: &HeaderMap) -> ApiResult<Response> {
+    let Some(TreeFile {
+        path: tree_path,
+        kind,
+    }) = target.file()
+    else {
+        return Err(ApiError::not_found("no such file"));
+    };
     let full = app.tree.join(tree_path.as_str());
     let file = match app.file_cache.get(tree_path.as_str(), &full) {
         Ok(Some(f)) => f,
@@ -252,16 +150,13 @@ async fn send_file(
     };
     let mut builder = Response::builder()
         .header(header::ETAG, file.etag.clone())
-        .header(header::CONTENT_TYPE, content_type(rel))
-        .header(header::CACHE_CONTROL, cache_control(rel));
+        .header(header::CONTENT_TYPE, kind.content_type())
+        .header(header::CACHE_CONTROL, target.cache_control());
     if let Some(modified) = &file.last_modified {
         builder = builder.header(header::LAST_MODIFIED, modified.clone());
     }
-    if let Some(name) = download_name(app, tree_path, rel) {
-        builder = builder.header(
-            header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{name}\""),
-        );
+    if let Some(disposition) = content_disposition(app, target) {
+        builder = builder.header(header::CONTENT_DISPOSITION, disposition);
     }
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -466,64 +361,50 @@ fn httpdate(t: std::time::SystemTime) -> String {
     t.format(&f).unwrap_or_default()
 }
 
-fn is_archive(rel: &str) -> bool {
-    rel.starts_with("tarballs/") || rel.starts_with("archives/") || is_v1_archive(rel)
-}
-
-/// `v1/packages/N/V/ARCH` or `v1/packages/N/latest/ARCH` (not a manifest).
-fn is_v1_archive(rel: &str) -> bool {
-    let parts: Vec<&str> = rel.split('/').collect();
-    parts.len() == 5 && parts[0] == "v1" && parts[1] == "packages" && parts[4] != "manifest"
-}
-
-fn content_type(rel: &str) -> &'static str {
-    if rel == layout::PUBLIC_KEY {
-        "application/x-pem-file"
-    } else if rel.starts_with("v1/") && !is_v1_archive(rel) {
-        "application/json"
-    } else {
-        "application/octet-stream"
-    }
-}
-
-fn cache_control(rel: &str) -> &'static str {
-    let parts: Vec<&str> = rel.split('/').collect();
-    let latest = parts.len() == 5 && parts[3] == "latest";
-    if is_archive(rel) && !latest {
-        // Published archives never change.
-        "public, max-age=31536000, immutable"
-    } else {
-        // Indexes change with every publish: revalidate (cheap, with ETags).
-        "public, no-cache"
-    }
-}
-
-/// The file name of a `v1/` download. For `VERSION/ARCH` it follows from
-/// the path; `latest/ARCH` needs the package's index to know the version.
-fn download_name(app: &AppState, tree_path: &TreePath, rel: &str) -> Option<String> {
-    if !is_v1_archive(rel) {
+/// `Content-Disposition` of a `v1/` download (seed 000): `attachment` with
+/// the archive's file name. `None` for other files, and for a `latest/ARCH`
+/// whose release the package's index does not name.
+pub fn content_disposition(app: &AppState, target: &Target) -> Option<String> {
+    let file = target.file()?;
+    let FileKind::V1Download {
+        name,
+        version,
+        arch,
+    } = &file.kind
+    else {
         return None;
-    }
-    let parts: Vec<&str> = rel.split('/').collect();
-    let (name, version, arch) = (parts[2], parts[3], parts[4]);
-    let prefix = tree_path.as_str().strip_suffix(rel)?;
-    if version != "latest" {
-        // `any` is a Hex tarball unless a .niso archive of arch any exists.
-        let niso = format!("{name}-{version}-{arch}.niso");
-        if arch != crate::ident::Arch::ANY
-            || app.tree.join(format!("{prefix}archives/{niso}")).is_file()
-        {
-            return Some(niso);
+    };
+    let prefix = target
+        .repo
+        .as_ref()
+        .map(|o| format!("{}/{o}/", layout::REPOS_DIR))
+        .unwrap_or_default();
+    let file_name = match version {
+        Some(version) => {
+            // `any` is a Hex tarball unless a .niso archive of arch any exists.
+            let niso = format!("{name}-{version}-{arch}.niso");
+            if arch.as_str() != crate::ident::Arch::ANY
+                || app.tree.join(format!("{prefix}archives/{niso}")).is_file()
+            {
+                niso
+            } else {
+                format!("{name}-{version}.tar")
+            }
         }
-        return Some(format!("{name}-{version}.tar"));
-    }
-    let index = app.tree.join(format!("{prefix}packages/{name}"));
-    let bytes = std::fs::read(index).ok()?;
-    let pkg = decode_unverified(&bytes)?;
-    let release =
-        crate::publish::render::latest(&pkg, |r| r.artifacts.iter().any(|a| a.arch == arch))?;
-    let artifact = release.artifacts.iter().find(|a| a.arch == arch)?;
-    Some(layout::download_name(&artifact.path).to_string())
+        None => {
+            // `latest` names no version: the package's index says which.
+            let index = app.tree.join(format!("{prefix}packages/{name}"));
+            let bytes = std::fs::read(index).ok()?;
+            let pkg = decode_unverified(&bytes)?;
+            let arch = arch.as_str();
+            let release = crate::publish::render::latest(&pkg, |r| {
+                r.artifacts.iter().any(|a| a.arch == arch)
+            })?;
+            let artifact = release.artifacts.iter().find(|a| a.arch == arch)?;
+            layout::download_name(&artifact.path).to_string()
+        }
+    };
+    Some(format!("attachment; filename=\"{file_name}\""))
 }
 
 /// Our own index, read for display only (the bytes served are the file's).
@@ -551,11 +432,13 @@ pub const DEFAULT_PER_PAGE: usize = 100;
 pub const MAX_PER_PAGE: usize = 1000;
 
 /// Sorts and cuts `items`, returning the page and its pagination block.
+/// `prev` and `next` are relative links (`/v1/packages?page=2&per_page=10`)
+/// on `path`, the request's normal path: never built from `Host` or other
+/// headers a caller controls, and right behind any proxy.
 pub fn page_of<T>(
     mut items: Vec<T>,
     query: &ListQuery,
-    uri: &Uri,
-    headers: &HeaderMap,
+    path: &str,
     sort_key: impl Fn(&T, &str) -> Result<String, ApiError>,
     default_sort: &str,
 ) -> ApiResult<(Vec<T>, Pagination)> {
@@ -594,26 +477,17 @@ pub fn page_of<T>(
         .map(|(_, t)| t)
         .collect();
     let link = |p: usize| {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost");
-        let scheme = headers
-            .get("x-forwarded-proto")
-            .and_then(|h| h.to_str().ok())
-            .filter(|s| *s == "https")
-            .unwrap_or("http");
         let mut q = format!("page={p}&per_page={per_page}");
         if let Some(s) = &query.sort_by {
-            q.push_str(&format!("&sort_by={s}"));
+            q.push_str(&format!("&sort_by={}", encode_query(s)));
         }
         if let Some(o) = &query.order {
-            q.push_str(&format!("&order={o}"));
+            q.push_str(&format!("&order={}", encode_query(o)));
         }
         if let Some(term) = &query.q {
             q.push_str(&format!("&q={}", encode_query(term)));
         }
-        format!("{scheme}://{host}{}?{q}", uri.path())
+        format!("{path}?{q}")
     };
     let pagination = Pagination {
         page,
@@ -637,27 +511,18 @@ fn encode_query(s: &str) -> String {
         .collect()
 }
 
-fn paginate(
-    file: &str,
-    bytes: &[u8],
-    query: &ListQuery,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> ApiResult<Response> {
-    if file == layout::V1_INDEX {
+fn paginate(target: &Target, bytes: &[u8], query: &ListQuery) -> ApiResult<Response> {
+    let path = &target.path;
+    let mut resp = if target.file().map(|f| &f.kind) == Some(&FileKind::V1Index) {
         let list: json::PackageList = serde_json::from_slice(bytes).map_err(ApiError::internal)?;
-        let (packages, pagination) =
-            page_of(list.packages, query, uri, headers, package_sort_key, "name")?;
-        Ok(json_response(
-            &serde_json::json!({ "packages": packages, "pagination": pagination }),
-        ))
+        let (packages, pagination) = page_of(list.packages, query, path, package_sort_key, "name")?;
+        json_response(&serde_json::json!({ "packages": packages, "pagination": pagination }))
     } else {
         let list: json::VersionList = serde_json::from_slice(bytes).map_err(ApiError::internal)?;
         let (versions, pagination) = page_of(
             list.versions,
             query,
-            uri,
-            headers,
+            path,
             |v: &json::VersionEntry, key| match key {
                 "version" => Ok(version_sort_key(&v.version, &v.arch)),
                 "uploaded_at" => Ok(format!(
@@ -671,10 +536,21 @@ fn paginate(
             },
             "version",
         )?;
-        Ok(json_response(
+        json_response(
             &serde_json::json!({ "name": list.name, "versions": versions, "pagination": pagination }),
-        ))
-    }
+        )
+    };
+    set_cache_control(&mut resp, target);
+    Ok(resp)
+}
+
+/// The `Cache-Control` of an answer computed from `target`'s files: the
+/// file's own (`private` in an organization).
+pub fn set_cache_control(resp: &mut Response, target: &Target) {
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(target.cache_control()),
+    );
 }
 
 pub fn package_sort_key(p: &json::PackageSummary, key: &str) -> Result<String, ApiError> {
@@ -718,25 +594,6 @@ pub fn json_response<T: serde::Serialize>(doc: &T) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn package_of_finds_the_package_in_every_kind_of_path() {
-        assert_eq!(package_of("packages/my-app").as_deref(), Some("my-app"));
-        assert_eq!(
-            package_of("v1/packages/my-app/1.0.0/x86_64").as_deref(),
-            Some("my-app")
-        );
-        assert_eq!(package_of("v1/packages/index.json"), None);
-        assert_eq!(
-            package_of("tarballs/x-2-1.0.0-rc.1.tar").as_deref(),
-            Some("x-2")
-        );
-        assert_eq!(
-            package_of("archives/my-app-1.1.0-x86_64.niso").as_deref(),
-            Some("my-app")
-        );
-        assert_eq!(package_of("names"), None);
-    }
 
     #[test]
     fn versions_sort_by_semver() {

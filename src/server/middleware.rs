@@ -52,6 +52,12 @@ pub fn presented_key(headers: &HeaderMap) -> Result<Option<ApiKey>, ApiError> {
 }
 
 pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    // A load balancer's health check must never be refused: /health needs
+    // no key and spends no rate-limit token.
+    if req.uri().path() == "/health" {
+        req.extensions_mut().insert(Caller::Anonymous);
+        return next.run(req).await;
+    }
     let forwarded = app
         .settings
         .trust_proxy
@@ -67,9 +73,38 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
             .map(|c| c.0.ip().to_string())
             .unwrap_or_else(|| "unknown".into())
     });
+    // An address that has failed authentication too often is refused before
+    // its key is looked at, so guessing gets no answer, right or wrong.
+    let failures = &app.auth_failure_limiter;
+    let presents_key = req
+        .headers()
+        .contains_key(axum::http::header::AUTHORIZATION);
+    if presents_key && failures.enabled() {
+        let d = failures.peek(&ip);
+        if !d.allowed {
+            return too_many_failures(&d);
+        }
+    }
     let caller = match resolve(&app, req.headers()).await {
         Ok(c) => c,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            // A wrong, malformed or revoked key spends a token; a server
+            // error (the key database) does not.
+            let failed = matches!(
+                e.status,
+                axum::http::StatusCode::UNAUTHORIZED | axum::http::StatusCode::BAD_REQUEST
+            );
+            if !(failed && failures.enabled()) {
+                return e.into_response();
+            }
+            let d = failures.check(&ip);
+            if !d.allowed {
+                return too_many_failures(&d);
+            }
+            let mut resp = e.into_response();
+            add_rate_headers(resp.headers_mut(), &d);
+            return resp;
+        }
     };
     let (limiter, bucket) = match &caller {
         Caller::Key(k) => (&app.key_limiter, format!("key:{}", k.id)),
@@ -94,6 +129,21 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
     if let Some(d) = decision {
         add_rate_headers(resp.headers_mut(), &d);
     }
+    resp
+}
+
+/// The 429 of an address whose failed-authentication budget is spent.
+fn too_many_failures(d: &super::ratelimit::Decision) -> Response {
+    let mut e = ApiError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "too many failed authentications from this address (limit {} a minute); retry in {} s",
+            d.limit, d.retry_after
+        ),
+    );
+    e.headers.push(("retry-after", d.retry_after.to_string()));
+    let mut resp = e.into_response();
+    add_rate_headers(resp.headers_mut(), d);
     resp
 }
 

@@ -8,11 +8,15 @@
 //!   into one index rewrite, and from there through the same publisher as
 //!   `niso registry build`.
 //! * Every request passes [`middleware`]: authentication (keys from the
-//!   [`KeyStore`]), rate limiting, one log line.
+//!   [`KeyStore`]), rate limiting, one log line; and, before routing, the
+//!   [`door`], which refuses a bad path or rewrites it to its normal form.
 //!
-//! [`run`] takes a bound listener and a shutdown future, so tests bind port 0.
+//! [`run`] takes a bound listener and a shutdown future, so tests bind port 0;
+//! [`accept`] is its loop, which closes slow clients and caps connections.
 
+pub mod accept;
 pub mod committer;
+pub mod door;
 pub mod error;
 pub mod files;
 pub mod handlers;
@@ -21,7 +25,6 @@ pub mod ratelimit;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use tower::Layer;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 
@@ -50,10 +54,29 @@ pub struct Settings {
     pub rate_limit_key: u32,
     /// Requests a minute per client IP without a key (0: unlimited).
     pub rate_limit_ip: u32,
+    /// Failed authentications a minute per client IP (0: unlimited). Once
+    /// spent, every request from that IP that presents a key gets 429, even
+    /// with a valid key, so keys cannot be guessed at speed.
+    pub rate_limit_auth_failures: u32,
     /// Time allowed for a whole non-upload request.
     pub request_timeout: Duration,
     /// Longest pause between two chunks of an upload body.
     pub upload_idle_timeout: Duration,
+    /// An upload must bring at least this many bytes a second, averaged
+    /// over each `upload_rate_window` (0: no minimum).
+    pub upload_min_rate: u64,
+    /// The window over which `upload_min_rate` is measured.
+    pub upload_rate_window: Duration,
+    /// Time allowed to receive a whole upload body.
+    pub upload_timeout: Duration,
+    /// Time a client has to send a request head (also the keep-alive idle
+    /// timeout).
+    pub header_timeout: Duration,
+    /// Time a write to a client may make no progress (the client stopped
+    /// reading) before its connection is closed.
+    pub send_timeout: Duration,
+    /// Connections open at once (see [`accept::default_max_connections`]).
+    pub max_connections: usize,
     /// Serve only the tree: no uploads, deletes, tags or key management.
     pub read_only: bool,
     /// Take the client address from `X-Forwarded-For` (behind nginx, every
@@ -67,8 +90,15 @@ impl Default for Settings {
             max_upload: 1 << 30,
             rate_limit_key: 6000,
             rate_limit_ip: 1200,
+            rate_limit_auth_failures: 30,
             request_timeout: Duration::from_secs(30),
             upload_idle_timeout: Duration::from_secs(60),
+            upload_min_rate: 4096,
+            upload_rate_window: Duration::from_secs(30),
+            upload_timeout: Duration::from_secs(3600),
+            header_timeout: Duration::from_secs(20),
+            send_timeout: Duration::from_secs(60),
+            max_connections: accept::default_max_connections(),
             read_only: false,
             trust_proxy: false,
         }
@@ -87,6 +117,8 @@ pub struct App {
     pub keys: Option<KeyStore>,
     pub key_limiter: RateLimiter,
     pub ip_limiter: RateLimiter,
+    /// Failed authentications, per client IP.
+    pub auth_failure_limiter: RateLimiter,
     /// Small files of the tree recently read.
     pub file_cache: files::FileCache,
     writer: Option<Writer>,
@@ -129,6 +161,7 @@ impl App {
         let app = Self {
             key_limiter: RateLimiter::new(settings.rate_limit_key),
             ip_limiter: RateLimiter::new(settings.rate_limit_ip),
+            auth_failure_limiter: RateLimiter::new(settings.rate_limit_auth_failures),
             file_cache: files::FileCache::default(),
             settings,
             tree,
@@ -219,10 +252,18 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(handlers::keys::revoke_key),
         )
         .route(
-            "/v1/auth/publisher-key",
+            "/v1/auth/keys/{id}/publisher-key",
             post(handlers::keys::register_publisher_key),
         )
-        .route("/v1/auth/check", get(handlers::keys::check_pull))
+        .route(
+            "/v1/auth/publisher-keys",
+            get(handlers::keys::list_publisher_keys),
+        )
+        .route(
+            "/v1/auth/publisher-key",
+            post(handlers::keys::retired_publisher_key_route),
+        )
+        .route("/v1/auth/check", get(handlers::check::check_pull))
         .route(
             "/v1/packages/{name}/tags",
             post(handlers::packages::set_tag).get(files::serve_tree),
@@ -256,7 +297,7 @@ pub fn router(state: AppState) -> Router {
             post(handlers::packages::upload).get(files::serve_tree),
         )
         .layer(DefaultBodyLimit::disable());
-    Router::new()
+    let routes = Router::new()
         .merge(api)
         .merge(uploads)
         .fallback(get(files::serve_tree))
@@ -264,13 +305,19 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             middleware::authenticate,
         ))
+        .with_state(state.clone());
+    // The door runs before routing (a layer added with `Router::layer` runs
+    // after it): the routes, their parameters and the handlers see only
+    // the normal form of the path.
+    let normalised = axum::middleware::from_fn(door::normalise_request).layer(routes);
+    Router::new()
+        .fallback_service(normalised)
         .layer(axum::middleware::from_fn(middleware::log_request))
         .layer(cors)
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state,
             files::fast_static,
         ))
-        .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.
@@ -279,10 +326,12 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = accept::ConnLimits {
+        header_timeout: state.settings.header_timeout,
+        send_timeout: state.settings.send_timeout,
+        max_connections: state.settings.max_connections,
+    };
+    accept::serve(listener, router(state), limits, shutdown).await
 }
 
 /// Resolves on SIGINT or SIGTERM.

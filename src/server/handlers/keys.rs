@@ -1,20 +1,26 @@
-//! Key management (admin only), publisher keys, and the pull check nginx's
-//! `auth_request` asks.
+//! Key management (admin only) and publisher keys.
+//!
+//! Registering a publisher key is an admin act, done for a given API key:
+//! if an API key could set its own, whoever stole it could sign as the
+//! publisher. The list of publisher keys is public, as their place in the
+//! signed tree will be.
 
 use std::collections::HashMap;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::auth::{KeyRecord, KeyStore, KeyStoreError, Scopes};
+use crate::auth::{
+    publisher_key_fingerprint, publisher_key_id, KeyRecord, KeyStore, KeyStoreError,
+    PublisherKeyRecord, Scopes,
+};
 use crate::index::json::rfc3339;
 use crate::publish::unix_now;
 use crate::server::error::{ApiError, ApiResult};
-use crate::server::files;
 use crate::server::middleware::Caller;
 use crate::server::AppState;
 
@@ -42,6 +48,7 @@ fn key_error(e: KeyStoreError) -> ApiError {
             ApiError::bad_request(e.to_string())
         }
         KeyStoreError::NotFound(_) => ApiError::not_found(e.to_string()),
+        KeyStoreError::LastAdmin(_) => ApiError::conflict(e.to_string()),
         other => ApiError::internal(other),
     }
 }
@@ -54,8 +61,9 @@ fn key_json(k: &KeyRecord) -> serde_json::Value {
         "created_at": rfc3339(k.created_at),
         "last_used": k.last_used.map(rfc3339),
     });
-    if let Some(id) = k.publisher_key_id() {
-        v["publisher_key_id"] = id.into();
+    if let Some(public) = &k.publisher_key {
+        v["publisher_key_id"] = publisher_key_id(public).into();
+        v["publisher_key_fingerprint"] = publisher_key_fingerprint(public).into();
     }
     v
 }
@@ -132,55 +140,74 @@ pub struct PublisherKey {
     public_key: String,
 }
 
-/// `POST /v1/auth/publisher-key` `{"public_key": "<base64>"}`: registers the
-/// Ed25519 key that checks this API key's `X-Niso-Signature` headers.
+/// `POST /v1/auth/keys/{id}/publisher-key` `{"public_key": "<base64>"}`
+/// (admin): registers, or replaces, the Ed25519 key that checks API key
+/// `id`'s `X-Niso-Signature` headers. From then on that key must sign every
+/// upload. A replaced key stays listed, retired.
 pub async fn register_publisher_key(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Path(params): Path<HashMap<String, String>>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let key = caller.key().ok_or_else(ApiError::unauthorized)?.clone();
+    require_admin(&caller)?;
+    let id = params.get("id").cloned().unwrap_or_default();
     let req: PublisherKey = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
-            "body must be {{\"public_key\": \"<base64>\"}}: {e}"
+            "body must be {{\"public_key\": \"<base64 Ed25519 public key>\"}}: {e}"
         ))
     })?;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(req.public_key.trim())
         .map_err(|_| ApiError::bad_request("public_key must be base64"))?;
     let app2 = app.clone();
-    let id = key.id.clone();
-    tokio::task::spawn_blocking(move || {
-        keystore(&app2)?
-            .set_publisher_key(&id, &bytes)
-            .map_err(key_error)
+    let record = tokio::task::spawn_blocking(move || {
+        let keys = keystore(&app2)?;
+        keys.set_publisher_key(&id, &bytes, unix_now())
+            .map_err(key_error)?;
+        keys.list()
+            .map_err(key_error)?
+            .into_iter()
+            .find(|k| k.id == id)
+            // Revoked between the two statements.
+            .ok_or_else(|| key_error(KeyStoreError::NotFound(id)))
     })
     .await
     .map_err(ApiError::internal)??;
-    let app3 = app.clone();
-    let listed = tokio::task::spawn_blocking(move || keystore(&app3)?.list().map_err(key_error))
-        .await
-        .map_err(ApiError::internal)??;
-    let record = listed
-        .into_iter()
-        .find(|k| k.id == key.id)
-        .ok_or_else(|| ApiError::not_found("key revoked"))?;
     Ok(Json(key_json(&record)).into_response())
 }
 
-/// `GET /v1/auth/check`: for nginx `auth_request`. The path to check comes
-/// in `X-Original-URI`; answers 200 (may pull), 401 (no key) or 403.
-pub async fn check_pull(
-    State(app): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let uri = headers
-        .get("x-original-uri")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::bad_request("X-Original-URI header required"))?;
-    let path = uri.split('?').next().unwrap_or(uri);
-    let req = files::split_repo(path)?;
-    files::may_pull(&app, &caller, req.org.as_ref(), &req.rest)?;
-    Ok(StatusCode::OK.into_response())
+/// `POST /v1/auth/publisher-key`, the old self-service route: an API key may
+/// no longer choose its own publisher key.
+pub async fn retired_publisher_key_route() -> ApiResult<Response> {
+    Err(ApiError::new(
+        StatusCode::GONE,
+        "an API key can no longer register its own publisher key: an admin key registers it with POST /v1/auth/keys/{id}/publisher-key",
+    ))
+}
+
+fn publisher_key_json(k: &PublisherKeyRecord) -> serde_json::Value {
+    serde_json::json!({
+        "api_key_id": k.api_key_id,
+        "api_key_name": k.api_key_name,
+        "public_key": base64::engine::general_purpose::STANDARD.encode(k.public_key),
+        "index_key_id": k.index_key_id(),
+        "fingerprint": k.fingerprint(),
+        "registered_at": rfc3339(k.registered_at),
+        "retired_at": k.retired_at.map(rfc3339),
+    })
+}
+
+/// `GET /v1/auth/publisher-keys`: every publisher key ever registered,
+/// current (`retired_at` null) and retired, oldest first. Public: these are
+/// public keys, and a client checking an old release's signature needs the
+/// key that made it.
+pub async fn list_publisher_keys(State(app): State<AppState>) -> ApiResult<Response> {
+    let app2 = app.clone();
+    let keys =
+        tokio::task::spawn_blocking(move || keystore(&app2)?.publisher_keys().map_err(key_error))
+            .await
+            .map_err(ApiError::internal)??;
+    let keys: Vec<_> = keys.iter().map(publisher_key_json).collect();
+    Ok(Json(serde_json::json!({ "publisher_keys": keys })).into_response())
 }

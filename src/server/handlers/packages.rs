@@ -5,7 +5,7 @@ use std::io::Write;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine;
@@ -18,6 +18,7 @@ use crate::ident::{Arch, PackageName, RepoName, TagName, Version};
 use crate::index::json;
 use crate::index::layout;
 use crate::publish::{unix_now, PublisherSignature, StagedFile, Upload};
+use crate::server::door::{self, Target};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::files::{self, json_response, ListQuery};
 use crate::server::middleware::Caller;
@@ -123,17 +124,27 @@ pub async fn upload(
         None => None,
     };
     let mut received: u64 = 0;
+    let mut pace = UploadPace::new(&app.settings);
     let mut stream = body.into_data_stream();
     loop {
-        let next = tokio::time::timeout(app.settings.upload_idle_timeout, stream.next())
-            .await
-            .map_err(|_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload stalled"))?;
+        let wait = pace.wait(app.settings.upload_idle_timeout);
+        let next = match tokio::time::timeout_at(wait.deadline, stream.next()).await {
+            Ok(next) => next,
+            // A window closed with no chunk in it: judge it, then wait on.
+            // (`next()` is cancel-safe: no data is lost by timing it out.)
+            Err(_) if wait.window_end => {
+                pace.check(received)?;
+                continue;
+            }
+            Err(_) => return Err(pace.stalled()),
+        };
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
         received += chunk.len() as u64;
         if received > max {
             return Err(ApiError::too_large(max));
         }
+        pace.check(received)?;
         if let Some(v) = verifier.as_mut() {
             v.update(&chunk);
         }
@@ -205,6 +216,109 @@ pub async fn upload(
     Ok(resp)
 }
 
+/// How fast an upload body must come: at least `upload_min_rate` bytes a
+/// second over each window of `upload_rate_window`, no pause longer than the
+/// idle timeout, all of it within `upload_timeout`. A client that trickles a
+/// byte now and then would otherwise hold a connection and a staged file for
+/// as long as it likes.
+struct UploadPace {
+    deadline: tokio::time::Instant,
+    timeout: std::time::Duration,
+    min_rate: u64,
+    window: std::time::Duration,
+    window_start: tokio::time::Instant,
+    /// Bytes received when the current window started.
+    window_base: u64,
+}
+
+/// When to stop waiting for the next chunk, and why.
+struct Wait {
+    deadline: tokio::time::Instant,
+    /// The deadline is the end of a rate window (not the idle timeout or the
+    /// overall deadline).
+    window_end: bool,
+}
+
+impl UploadPace {
+    fn new(settings: &crate::server::Settings) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            deadline: now + settings.upload_timeout,
+            timeout: settings.upload_timeout,
+            min_rate: settings.upload_min_rate,
+            // A zero window would judge every chunk alone.
+            window: settings
+                .upload_rate_window
+                .max(std::time::Duration::from_millis(100)),
+            window_start: now,
+            window_base: 0,
+        }
+    }
+
+    fn wait(&self, idle: std::time::Duration) -> Wait {
+        let idle_end = tokio::time::Instant::now() + idle;
+        let mut wait = Wait {
+            deadline: idle_end.min(self.deadline),
+            window_end: false,
+        };
+        if self.min_rate > 0 {
+            let window_end = self.window_start + self.window;
+            if window_end < wait.deadline {
+                wait = Wait {
+                    deadline: window_end,
+                    window_end: true,
+                };
+            }
+        }
+        wait
+    }
+
+    /// Refuses the upload if its time is up or a finished window brought
+    /// too little; starts the next window otherwise.
+    fn check(&mut self, received: u64) -> ApiResult<()> {
+        let now = tokio::time::Instant::now();
+        if now >= self.deadline {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "upload not finished within {} s: received {received} bytes",
+                    self.timeout.as_secs()
+                ),
+            ));
+        }
+        if self.min_rate == 0 || now < self.window_start + self.window {
+            return Ok(());
+        }
+        let elapsed = now.duration_since(self.window_start);
+        let needed = (self.min_rate as f64 * elapsed.as_secs_f64()) as u64;
+        let got = received - self.window_base;
+        if got < needed {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "upload too slow: {got} bytes in the last {:.0} s, the minimum is {} bytes a second",
+                    elapsed.as_secs_f64(),
+                    self.min_rate
+                ),
+            ));
+        }
+        self.window_start = now;
+        self.window_base = received;
+        Ok(())
+    }
+
+    fn stalled(&self) -> ApiError {
+        if tokio::time::Instant::now() >= self.deadline {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("upload not finished within {} s", self.timeout.as_secs()),
+            )
+        } else {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload stalled")
+        }
+    }
+}
+
 fn archive_limits(app: &AppState) -> crate::limits::Limits {
     crate::limits::Limits {
         max_archive: app.settings.max_upload,
@@ -218,10 +332,17 @@ type SignatureParts = (
     String,
 );
 
-/// Parses `X-Niso-Signature` and finds the key to check it with.
+/// Parses `X-Niso-Signature` and finds the key to check it with. A key that
+/// has a publisher key must sign: otherwise whoever steals the API key could
+/// publish unsigned archives in that publisher's name.
 fn signature_of(headers: &HeaderMap, key: &KeyRecord) -> ApiResult<Option<SignatureParts>> {
     let Some(value) = headers.get("x-niso-signature") else {
-        return Ok(None);
+        return match key.publisher_key_id() {
+            Some(id) => Err(ApiError::bad_request(format!(
+                "this API key has a publisher key ({id}): sign the archive with it and send the signature in X-Niso-Signature"
+            ))),
+            None => Ok(None),
+        };
     };
     let bytes = value
         .to_str()
@@ -237,7 +358,7 @@ fn signature_of(headers: &HeaderMap, key: &KeyRecord) -> ApiResult<Option<Signat
     })?;
     let (Some(public), Some(key_id)) = (key.publisher_key, key.publisher_key_id()) else {
         return Err(ApiError::bad_request(
-            "X-Niso-Signature given, but this API key has no publisher key: register one with POST /v1/auth/publisher-key",
+            "X-Niso-Signature given, but this API key has no publisher key: an admin registers one with POST /v1/auth/keys/{id}/publisher-key",
         ));
     };
     let vk = ed25519_dalek::VerifyingKey::from_bytes(&public).map_err(ApiError::internal)?;
@@ -301,13 +422,11 @@ pub async fn set_tag(
 pub async fn search(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(params): Path<HashMap<String, String>>,
+    Extension(target): Extension<Target>,
     Query(query): Query<ListQuery>,
-    uri: Uri,
-    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let org = org_of(&params)?;
-    files::may_pull(&app, &caller, org.as_ref(), "v1/packages/index.json")?;
+    let org = target.repo.clone();
+    door::authorize_caller(&app, &caller, &target.access())?;
     let term = query.q.clone().unwrap_or_default();
     let needle = term.trim().to_ascii_lowercase();
     if needle.is_empty() || needle.len() > 100 {
@@ -353,8 +472,7 @@ pub async fn search(
         files::page_of(
             results,
             &query,
-            &uri,
-            &headers,
+            &target.path,
             files::package_sort_key,
             "name",
         )?
@@ -363,14 +481,15 @@ pub async fn search(
         let (page, pagination) = files::page_of(
             ranked,
             &query,
-            &uri,
-            &headers,
+            &target.path,
             |(i, _), _| Ok(format!("{i:010}")),
             "rank",
         )?;
         (page.into_iter().map(|(_, p)| p).collect(), pagination)
     };
-    Ok(json_response(
+    let mut resp = json_response(
         &serde_json::json!({ "term": term, "results": results, "pagination": pagination }),
-    ))
+    );
+    files::set_cache_control(&mut resp, &target);
+    Ok(resp)
 }
