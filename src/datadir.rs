@@ -258,4 +258,3 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
         .map_err(|e| io_err("write", path)(e.error))?;
     Ok(())
 }
-

@@ -147,7 +147,8 @@ impl ServeArgs {
                 .map(|d| d.repository().clone())
                 .unwrap_or(self.name.clone());
             let staging = std::env::temp_dir();
-            App::new(settings, tree, staging, name, None, None).await?
+            let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::LocalStore::new(tree));
+            App::new(settings, store, staging, name, None, None).await?
         } else {
             // Checked before anything is written: a bad key must not leave a
             // half-made registry behind.
@@ -185,11 +186,11 @@ impl ServeArgs {
             let signer: Arc<dyn Signer> = Arc::new(dd.key()?);
             App::new(
                 settings,
-                dd.public_dir(),
+                dd.store(self.store.as_deref())?,
                 dd.staging_dir(),
                 dd.repository().clone(),
                 Some(keys),
-                Some((dd.store(self.store.as_deref())?, signer, Options::default())),
+                Some((signer, Options::default())),
             )
             .await?
         };

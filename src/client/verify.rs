@@ -28,9 +28,9 @@ use crate::archive;
 use crate::index::codec::{decode_index, CodecError, IndexMessage};
 use crate::index::json;
 use crate::index::layout::{self, Layout};
+use crate::index::view as render;
 use crate::index::{pb, PublicKey};
 use crate::limits::Limits;
-use crate::index::view as render;
 
 pub struct VerifyOptions {
     pub repository: String,
@@ -259,12 +259,7 @@ impl Verifier<'_> {
     }
 
     /// A file's bytes must match its digest in its freshness bin.
-    fn check_listed(
-        &mut self,
-        bins: &BTreeMap<String, pb::FileDigest>,
-        path: &str,
-        bytes: &[u8],
-    ) {
+    fn check_listed(&mut self, bins: &BTreeMap<String, pb::FileDigest>, path: &str, bytes: &[u8]) {
         if bins.is_empty() {
             return;
         }

@@ -205,18 +205,11 @@ pub fn attributes(path: &str, download: Option<&str>) -> Attributes {
     } else {
         cache.to_string()
     };
+    // A download's name comes from its artifact (the caller's); an archive's
+    // is its own file name.
     let name = match (kind, download) {
         (FileKind::Archive | FileKind::Download | FileKind::Latest, Some(d)) => Some(d.to_string()),
         (FileKind::Archive, None) => Some(download_name(rel).to_string()),
-        (FileKind::Download, None) => {
-            let parts: Vec<&str> = rel.split('/').collect();
-            let (n, v, a) = (parts[2], parts[3], parts[4]);
-            Some(if a == crate::ident::Arch::ANY {
-                format!("{n}-{v}.tar")
-            } else {
-                format!("{n}-{v}-{a}.niso")
-            })
-        }
         _ => None,
     };
     Attributes {

@@ -284,4 +284,3 @@ pub const FRESHNESS_BINS: usize = 256;
 pub fn bin_of(name: &str) -> u8 {
     Sha256::digest(name.as_bytes())[0]
 }
-

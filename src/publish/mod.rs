@@ -216,7 +216,6 @@ struct Model {
     dirty: bool,
 }
 
-
 /// A change as rendered: the packages it gives new content, the archives it
 /// creates (already written by the caller) and removes.
 #[derive(Default)]
@@ -419,10 +418,7 @@ impl Publisher {
             .map(|rel| async move {
                 let path = self.layout.path(&rel)?;
                 let got = self.store.get(&path).await?;
-                Ok::<_, PublishError>((
-                    rel,
-                    got.map(|o| (o.meta.version, Digest256::of(&o.bytes))),
-                ))
+                Ok::<_, PublishError>((rel, got.map(|o| (o.meta.version, Digest256::of(&o.bytes)))))
             })
             .collect();
         let read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
@@ -578,7 +574,12 @@ impl Publisher {
         let changed = self.read_packages(model, listed).await?;
         let rows: render::RowChanges = changed
             .iter()
-            .map(|n| (n.clone(), model.packages.get(n).map(|e| render::row(&e.index))))
+            .map(|n| {
+                (
+                    n.clone(),
+                    model.packages.get(n).map(|e| render::row(&e.index)),
+                )
+            })
             .collect();
         let regrouped = model.rows.regroup(&rows);
         model.rows.apply(rows, regrouped);
@@ -599,7 +600,10 @@ impl Publisher {
     /// Publishes several archives with one rewrite of the shared files
     /// (group commit). Each upload succeeds or fails on its own; a failure
     /// to write the shared files fails those that were not yet published.
-    pub async fn publish_batch(&self, uploads: Vec<Upload>) -> Vec<Result<Published, PublishError>> {
+    pub async fn publish_batch(
+        &self,
+        uploads: Vec<Upload>,
+    ) -> Vec<Result<Published, PublishError>> {
         let mut model = self.model.lock().await;
         if let Err(e) = self.ensure_clean(&mut model).await {
             let msg = e.to_string();
@@ -974,17 +978,21 @@ impl Publisher {
         }
 
         // Stage 2: each package's indexes and v1 files.
-        let rendered: Vec<(String, pb::Package, Vec<FileOut>, BTreeMap<String, Digest256>)> =
-            cpu(|| {
-                changes
-                    .par_iter()
-                    .map(|(name, pkg)| {
-                        let (files, digests) =
-                            render::package_files(&self.layout, pkg, self.signer.as_ref())?;
-                        Ok((name.clone(), pkg.clone(), files, digests))
-                    })
-                    .collect::<Result<_, PublishError>>()
-            })?;
+        let rendered: Vec<(
+            String,
+            pb::Package,
+            Vec<FileOut>,
+            BTreeMap<String, Digest256>,
+        )> = cpu(|| {
+            changes
+                .par_iter()
+                .map(|(name, pkg)| {
+                    let (files, digests) =
+                        render::package_files(&self.layout, pkg, self.signer.as_ref())?;
+                    Ok((name.clone(), pkg.clone(), files, digests))
+                })
+                .collect::<Result<_, PublishError>>()
+        })?;
         let mut stale: Vec<TreePath> = Vec::new();
         let futs: Vec<_> = rendered
             .iter()
@@ -1034,7 +1042,10 @@ impl Publisher {
         files: &[FileOut],
     ) -> Result<(String, ObjectVersion, Vec<TreePath>), WriteError> {
         let pname = PackageName::new(name).map_err(PublishError::from)?;
-        let niso_path = self.layout.niso_package(&pname).map_err(PublishError::from)?;
+        let niso_path = self
+            .layout
+            .niso_package(&pname)
+            .map_err(PublishError::from)?;
         // What the package had: its v1 files (rendering them signs
         // nothing) and the digests of its indexes.
         let old_v1 = match old {
@@ -1058,15 +1069,18 @@ impl Publisher {
         let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
         let version = self
             .store
-            .put(&niso_path, Body::Bytes(bytes.clone().into()), &niso.attributes, mode)
+            .put(
+                &niso_path,
+                Body::Bytes(bytes.clone().into()),
+                &niso.attributes,
+                mode,
+            )
             .await?;
         let derived: Vec<&FileOut> = files
             .iter()
             .filter(|f| f.path != niso_path)
             .filter(|f| match &f.content {
-                Content::Bytes(b) if f.path == hex_path => {
-                    old_hex != Some(&Digest256::of(b))
-                }
+                Content::Bytes(b) if f.path == hex_path => old_hex != Some(&Digest256::of(b)),
                 _ => !old_v1.contains(f),
             })
             .collect();
@@ -1137,7 +1151,11 @@ impl Publisher {
         // refresh), and any bin whose file this writer has not seen.
         let mut touched: BTreeSet<u8> = next.packages.values().map(|e| e.bin).collect();
         for e in model.packages.values() {
-            if refresh || !model.written.contains_key(&Layout::freshness_bin_rel(e.bin)) {
+            if refresh
+                || !model
+                    .written
+                    .contains_key(&Layout::freshness_bin_rel(e.bin))
+            {
                 touched.insert(e.bin);
             }
         }

@@ -115,7 +115,12 @@ impl Publisher {
             for t in &e.index.tombstones {
                 for rel in [
                     format!("{}/{name}-{}.tar", layout::TARBALLS_DIR, t.version),
-                    format!("{}/{name}-{}-{}.niso", layout::ARCHIVES_DIR, t.version, t.arch),
+                    format!(
+                        "{}/{name}-{}-{}.niso",
+                        layout::ARCHIVES_DIR,
+                        t.version,
+                        t.arch
+                    ),
                 ] {
                     if let Ok(p) = self.layout.path(&rel) {
                         tombstoned.insert(p, t.sha256.clone());
@@ -228,10 +233,13 @@ impl Publisher {
         } else {
             for (path, result) in &inspected {
                 let adopted = match result {
-                    Ok((info, mtime)) => self.check_place(path, info).map_err(PublishError::Invalid).and_then(|()| {
-                        let artifact = artifact_from(info, *mtime, None);
-                        self.adopt(&mut packages, info, artifact)
-                    }),
+                    Ok((info, mtime)) => self
+                        .check_place(path, info)
+                        .map_err(PublishError::Invalid)
+                        .and_then(|()| {
+                            let artifact = artifact_from(info, *mtime, None);
+                            self.adopt(&mut packages, info, artifact)
+                        }),
                     Err(e) => Err(PublishError::Invalid(e.to_string())),
                 };
                 match adopted {
@@ -295,7 +303,14 @@ impl Publisher {
         let mut extra = Vec::new();
         for dir in [layout::PACKAGES_DIR, layout::NISO_PACKAGES_DIR, "v1"] {
             for p in self.store.list(&self.layout.dir(dir)).await? {
-                if !wanted.contains(&p) && p.as_str() != self.layout.path(layout::V1_INDEX).map_err(PublishError::from)?.as_str() {
+                if !wanted.contains(&p)
+                    && p.as_str()
+                        != self
+                            .layout
+                            .path(layout::V1_INDEX)
+                            .map_err(PublishError::from)?
+                            .as_str()
+                {
                     extra.push(p);
                 }
             }
@@ -359,7 +374,10 @@ impl Publisher {
                 Ok(true)
             }
             Content::Copy(from) => {
-                let (src, dst) = (self.store.head(from).await?, self.store.head(&f.path).await?);
+                let (src, dst) = (
+                    self.store.head(from).await?,
+                    self.store.head(&f.path).await?,
+                );
                 let same = match (&src, &dst) {
                     (Some(s), Some(d)) => {
                         s.version == d.version
@@ -399,7 +417,8 @@ impl Publisher {
             .get_stream(path)
             .await?
             .ok_or_else(|| PublishError::NotFound(format!("{path} is gone")))?;
-        let tmp = tempfile::NamedTempFile::new().map_err(|e| PublishError::Invalid(e.to_string()))?;
+        let tmp =
+            tempfile::NamedTempFile::new().map_err(|e| PublishError::Invalid(e.to_string()))?;
         {
             use std::io::Write;
             let mut w = std::io::BufWriter::new(tmp.as_file());
@@ -407,7 +426,8 @@ impl Publisher {
                 w.write_all(&chunk?)
                     .map_err(|e| PublishError::Invalid(e.to_string()))?;
             }
-            w.flush().map_err(|e| PublishError::Invalid(e.to_string()))?;
+            w.flush()
+                .map_err(|e| PublishError::Invalid(e.to_string()))?;
         }
         let tmp_path = tmp.into_temp_path();
         let info = tokio::task::spawn_blocking(move || {
@@ -446,11 +466,13 @@ impl Publisher {
         if !packages.contains_key(name) {
             check_confusable(packages.keys(), &info.name)?;
         }
-        let pkg = packages.entry(name.to_string()).or_insert_with(|| pb::Package {
-            name: name.to_string(),
-            repository: self.repository.to_string(),
-            ..Default::default()
-        });
+        let pkg = packages
+            .entry(name.to_string())
+            .or_insert_with(|| pb::Package {
+                name: name.to_string(),
+                repository: self.repository.to_string(),
+                ..Default::default()
+            });
         restore_tombstone(pkg, info)?;
         merge_artifact(pkg, info, artifact)?;
         render::normalize(pkg);

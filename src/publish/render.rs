@@ -80,8 +80,13 @@ pub fn row(pkg: &pb::Package) -> Row {
             &mut names,
         );
     }
-    // A summary always serializes (string fields only).
-    let json = serde_json::to_vec(&summary(pkg)).expect("summaries serialize");
+    // A package with nothing published (only tombstones left) is not
+    // listed. A summary always serializes (string fields only).
+    let json = if pkg.releases.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(&summary(pkg)).expect("summaries serialize")
+    };
     // A cut depends on the name alone, so adding or changing a package
     // moves no other group's boundaries.
     let cut = Sha256::digest(pkg.name.as_bytes())[1] == GROUP_ROWS;
@@ -149,12 +154,15 @@ impl RowGroup {
     }
 }
 
-/// Appends `items` to `out`, separated by commas (JSON array elements).
+/// Appends `items` to `out`, separated by commas (JSON array elements);
+/// empty items (unlisted packages, groups of them) are left out.
 fn push_joined<'a>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'a [u8]>) {
-    for (i, item) in items.into_iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    for item in items.into_iter().filter(|i| !i.is_empty()) {
+        if !first {
             out.push(b',');
         }
+        first = false;
         out.extend_from_slice(item);
     }
 }
@@ -445,7 +453,7 @@ pub fn freshness(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{decode_index, RepoKey};
+    use crate::index::{decode_index, json, RepoKey};
     use prost::Message;
 
     fn package(name: &str, versions: &[&str], retired: &[usize]) -> pb::Package {
@@ -462,6 +470,12 @@ mod tests {
                         reason: 2,
                         message: None,
                     }),
+                    // A Hex tarball: the release is in Hex's view.
+                    artifacts: vec![pb::Artifact {
+                        arch: "any".into(),
+                        path: format!("tarballs/{name}-{v}.tar"),
+                        ..Default::default()
+                    }],
                     ..Default::default()
                 })
                 .collect(),
@@ -495,6 +509,8 @@ mod tests {
             package("gamma_x", &[], &[]),
         ];
         let g = cold(&pkgs, Wanted::ALL, &key);
+        // gamma_x has nothing published: in no list.
+        let listed: Vec<&pb::Package> = pkgs.iter().filter(|p| !p.releases.is_empty()).collect();
         let versions: pb::Versions = decode_index(
             g.versions.as_ref().unwrap(),
             key.public_key(),
@@ -503,7 +519,7 @@ mod tests {
         )
         .unwrap();
         let whole = pb::Versions {
-            packages: pkgs
+            packages: listed
                 .iter()
                 .map(|p| pb::VersionsPackage {
                     name: p.name.clone(),
@@ -526,7 +542,7 @@ mod tests {
         };
         assert_eq!(payload(&g.versions), whole.encode_to_vec());
         let names = pb::Names {
-            packages: pkgs
+            packages: listed
                 .iter()
                 .map(|p| pb::NamesPackage {
                     name: p.name.clone(),
@@ -536,7 +552,7 @@ mod tests {
         };
         assert_eq!(payload(&g.names), names.encode_to_vec());
         let list = json::PackageList {
-            packages: pkgs.iter().map(summary).collect(),
+            packages: listed.iter().map(|p| summary(p)).collect(),
         };
         assert_eq!(g.v1_index.unwrap(), json::to_bytes(&list));
         // Enough packages for many deflate groups: from a warm cache after

@@ -128,6 +128,8 @@ pub enum FileKind {
     FreshnessBin,
     /// `packages/NAME`
     Package(PackageName),
+    /// `niso/packages/NAME`
+    NisoPackage(PackageName),
     /// `tarballs/NAME-VERSION.tar`
     Tarball(PackageName, Version),
     /// `archives/NAME-VERSION-ARCH.niso`
@@ -150,6 +152,7 @@ impl FileKind {
     pub fn package(&self) -> Option<&PackageName> {
         match self {
             FileKind::Package(n)
+            | FileKind::NisoPackage(n)
             | FileKind::Tarball(n, _)
             | FileKind::Archive(n, _, _)
             | FileKind::V1Versions(n)
@@ -458,6 +461,7 @@ fn file_kind(rest: &[&str]) -> Option<FileKind> {
             FileKind::FreshnessBin
         }
         ["packages", n] => FileKind::Package(name(n)?),
+        ["niso", "packages", n] => FileKind::NisoPackage(name(n)?),
         ["tarballs", file] => {
             let (n, v) = split_name_version(file.strip_suffix(".tar")?)?;
             FileKind::Tarball(n, v)

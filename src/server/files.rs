@@ -7,11 +7,7 @@
 //! files of organization repositories (`/repos/ORG/…`) need a key with a
 //! matching `pull:` scope, and their answers are `Cache-Control: private`.
 
-use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -28,9 +24,7 @@ use super::AppState;
 use crate::index::json;
 use crate::index::layout;
 use crate::index::pb;
-
-/// Files up to this size are read whole; larger ones are streamed.
-const SMALL_FILE: u64 = 256 * 1024;
+use crate::store::TreePath;
 
 /// Seed 002's list parameters.
 #[derive(Debug, Default, Deserialize)]
@@ -115,242 +109,63 @@ pub async fn serve_tree(
     };
     door::authorize_caller(&app, &caller, &target.access())?;
     if query.wants_pages() && matches!(file.kind, FileKind::V1Index | FileKind::V1Versions(_)) {
-        let bytes = read_small(&app.tree.join(file.path.as_str())).await?;
+        let bytes = read_small(&app, &file.path).await?;
         return paginate(&target, &bytes, &query);
     }
     send_file(&app, &target, &headers).await
 }
 
-async fn read_small(path: &Path) -> ApiResult<Vec<u8>> {
-    match tokio::fs::read(path).await {
-        Ok(b) => Ok(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ApiError::not_found("no such file"))
-        }
+/// A whole file of the tree (a list to paginate or search).
+pub async fn read_small(app: &AppState, path: &TreePath) -> ApiResult<Bytes> {
+    match app.store.get(path).await {
+        Ok(Some(o)) => Ok(o.bytes),
+        Ok(None) => Err(ApiError::not_found("no such file")),
         Err(e) => Err(ApiError::internal(e)),
     }
 }
 
 async fn send_file(app: &AppState, target: &Target, headers: &HeaderMap) -> ApiResult<Response> {
-    let Some(TreeFile {
-        path: tree_path,
-        kind,
-    }) = target.file()
+    let Some(TreeFile { path, kind }) = target.file() else {
+        return Err(ApiError::not_found("no such file"));
+    };
+    // From the store the publisher writes: a local directory, or a bucket.
+    let Some((meta, stream)) = app
+        .store
+        .get_stream(path)
+        .await
+        .map_err(ApiError::internal)?
     else {
         return Err(ApiError::not_found("no such file"));
     };
-    let full = app.tree.join(tree_path.as_str());
-    let file = match app.file_cache.get(tree_path.as_str(), &full) {
-        Ok(Some(f)) => f,
-        Ok(None) => return Err(ApiError::not_found("no such file")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::not_found("no such file"))
-        }
-        Err(e) => return Err(ApiError::internal(e)),
-    };
+    let etag = meta.version.etag();
     let mut builder = Response::builder()
-        .header(header::ETAG, file.etag.clone())
+        .header(header::ETAG, &etag)
         .header(header::CONTENT_TYPE, kind.content_type())
         .header(header::CACHE_CONTROL, target.cache_control());
-    if let Some(modified) = &file.last_modified {
-        builder = builder.header(header::LAST_MODIFIED, modified.clone());
+    if let Some(modified) = meta.last_modified {
+        builder = builder.header(header::LAST_MODIFIED, httpdate(modified));
     }
-    if let Some(disposition) = content_disposition(app, target) {
-        builder = builder.header(header::CONTENT_DISPOSITION, disposition);
+    let disposition = match meta.attributes.and_then(|a| a.content_disposition) {
+        Some(d) => Some(d),
+        None => content_disposition(app, target).await,
+    };
+    if let Some(d) = disposition {
+        builder = builder.header(header::CONTENT_DISPOSITION, d);
     }
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let etag = file.etag.as_bytes();
-            v.split(',')
-                .any(|t| t.trim().as_bytes() == etag || t.trim() == "*")
-        });
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
     if not_modified {
         return builder
             .status(StatusCode::NOT_MODIFIED)
             .body(Body::empty())
             .map_err(ApiError::internal);
     }
-    let body = match file.body {
-        FileBody::Small(bytes) => Body::from(bytes),
-        FileBody::Large(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            tokio::fs::File::from_std(f),
-            64 * 1024,
-        )),
-    };
     builder
-        .header(header::CONTENT_LENGTH, file.len)
-        .body(body)
+        .header(header::CONTENT_LENGTH, meta.size)
+        .body(Body::from_stream(stream))
         .map_err(ApiError::internal)
-}
-
-enum FileBody {
-    /// Shared with the cache: sending it copies nothing.
-    Small(Bytes),
-    Large(std::fs::File),
-}
-
-/// A file to send, with the headers that come from its metadata.
-struct OpenFile {
-    len: u64,
-    etag: HeaderValue,
-    last_modified: Option<HeaderValue>,
-    body: FileBody,
-}
-
-/// The small files of the tree recently served, each checked against the
-/// file's metadata (device, inode, modification time, size) on every
-/// request, so a file the publisher replaced (a rename: a new inode) or
-/// anyone else changed is read again. Saves the open, read and close, and
-/// the copy, of the common read; the `stat` stays, as it does for a static
-/// server without an open-file cache.
-#[derive(Default)]
-pub struct FileCache {
-    entries: Mutex<HashMap<String, Arc<Cached>>>,
-    bytes: AtomicUsize,
-}
-
-struct Cached {
-    id: FileId,
-    body: Bytes,
-    etag: HeaderValue,
-    last_modified: Option<HeaderValue>,
-}
-
-/// What identifies one version of a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    mtime_ns: i128,
-    len: u64,
-}
-
-impl FileId {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            Self {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-                len: meta.len(),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let mtime_ns = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos() as i128);
-            Self {
-                dev: 0,
-                ino: 0,
-                mtime_ns,
-                len: meta.len(),
-            }
-        }
-    }
-}
-
-/// Most bytes the cache holds; past it, it starts again empty.
-const CACHE_BYTES: usize = 64 << 20;
-
-impl FileCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Cached>>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The file at `full` (`key` is its tree path); `None` if it is not a
-    /// regular file.
-    fn get(&self, key: &str, full: &Path) -> std::io::Result<Option<OpenFile>> {
-        let meta = std::fs::metadata(full)?;
-        if !meta.is_file() {
-            return Ok(None);
-        }
-        let id = FileId::of(&meta);
-        if let Some(c) = self.lock().get(key).filter(|c| c.id == id).cloned() {
-            return Ok(Some(OpenFile {
-                len: id.len,
-                etag: c.etag.clone(),
-                last_modified: c.last_modified.clone(),
-                body: FileBody::Small(c.body.clone()),
-            }));
-        }
-        // Described by the descriptor read, not the earlier stat: the path
-        // may have been replaced in between.
-        let mut f = std::fs::File::open(full)?;
-        let meta = f.metadata()?;
-        if !meta.is_file() {
-            return Ok(None);
-        }
-        let id = FileId::of(&meta);
-        let etag = HeaderValue::from_str(&etag(&meta)).map_err(std::io::Error::other)?;
-        let last_modified = meta
-            .modified()
-            .ok()
-            .and_then(|m| HeaderValue::from_str(&httpdate(m)).ok());
-        if meta.len() > SMALL_FILE {
-            return Ok(Some(OpenFile {
-                len: meta.len(),
-                etag,
-                last_modified,
-                body: FileBody::Large(f),
-            }));
-        }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        f.read_to_end(&mut bytes)?;
-        let body = Bytes::from(bytes);
-        let cached = Arc::new(Cached {
-            id,
-            body: body.clone(),
-            etag: etag.clone(),
-            last_modified: last_modified.clone(),
-        });
-        {
-            let mut entries = self.lock();
-            if self.bytes.load(Ordering::Relaxed) + body.len() > CACHE_BYTES {
-                entries.clear();
-                self.bytes.store(0, Ordering::Relaxed);
-            }
-            if let Some(old) = entries.insert(key.to_string(), cached) {
-                self.bytes.fetch_sub(old.body.len(), Ordering::Relaxed);
-            }
-            self.bytes.fetch_add(body.len(), Ordering::Relaxed);
-        }
-        Ok(Some(OpenFile {
-            len: body.len() as u64,
-            etag,
-            last_modified,
-            body: FileBody::Small(body),
-        }))
-    }
-}
-
-fn etag(meta: &std::fs::Metadata) -> String {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        format!(
-            "\"{:x}-{:x}{:09x}-{:x}\"",
-            meta.ino(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            meta.size()
-        )
-    }
-    #[cfg(not(unix))]
-    {
-        let m = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        format!("\"{m:x}-{:x}\"", meta.len())
-    }
 }
 
 fn httpdate(t: std::time::SystemTime) -> String {
@@ -362,9 +177,11 @@ fn httpdate(t: std::time::SystemTime) -> String {
 }
 
 /// `Content-Disposition` of a `v1/` download (seed 000): `attachment` with
-/// the archive's file name. `None` for other files, and for a `latest/ARCH`
-/// whose release the package's index does not name.
-pub fn content_disposition(app: &AppState, target: &Target) -> Option<String> {
+/// the archive's file name, which the package's index gives (`latest/ARCH`
+/// names no version; `any` may be a Hex tarball or a `.niso`). For a store
+/// that keeps it with the object (S3) the object's own is used instead.
+/// `None` for other files, and for a download the index does not name.
+pub async fn content_disposition(app: &AppState, target: &Target) -> Option<String> {
     let file = target.file()?;
     let FileKind::V1Download {
         name,
@@ -379,32 +196,27 @@ pub fn content_disposition(app: &AppState, target: &Target) -> Option<String> {
         .as_ref()
         .map(|o| format!("{}/{o}/", layout::REPOS_DIR))
         .unwrap_or_default();
-    let file_name = match version {
-        Some(version) => {
-            // `any` is a Hex tarball unless a .niso archive of arch any exists.
-            let niso = format!("{name}-{version}-{arch}.niso");
-            if arch.as_str() != crate::ident::Arch::ANY
-                || app.tree.join(format!("{prefix}archives/{niso}")).is_file()
-            {
-                niso
-            } else {
-                format!("{name}-{version}.tar")
-            }
+    // niso's index names every release; a tree written before it existed
+    // has them all in Hex's.
+    let mut pkg = None;
+    for dir in [layout::NISO_PACKAGES_DIR, layout::PACKAGES_DIR] {
+        let path = TreePath::new(format!("{prefix}{dir}/{name}")).ok()?;
+        if let Ok(Some(o)) = app.store.get(&path).await {
+            pkg = decode_unverified(&o.bytes);
+            break;
         }
-        None => {
-            // `latest` names no version: the package's index says which.
-            let index = app.tree.join(format!("{prefix}packages/{name}"));
-            let bytes = std::fs::read(index).ok()?;
-            let pkg = decode_unverified(&bytes)?;
-            let arch = arch.as_str();
-            let release = crate::publish::render::latest(&pkg, |r| {
-                r.artifacts.iter().any(|a| a.arch == arch)
-            })?;
-            let artifact = release.artifacts.iter().find(|a| a.arch == arch)?;
-            layout::download_name(&artifact.path).to_string()
-        }
+    }
+    let pkg = pkg?;
+    let arch = arch.as_str();
+    let release = match version {
+        Some(v) => pkg.releases.iter().find(|r| r.version == v.as_str())?,
+        None => crate::index::view::latest(&pkg, |r| r.artifacts.iter().any(|a| a.arch == arch))?,
     };
-    Some(format!("attachment; filename=\"{file_name}\""))
+    let artifact = release.artifacts.iter().find(|a| a.arch == arch)?;
+    Some(format!(
+        "attachment; filename=\"{}\"",
+        layout::download_name(&artifact.path)
+    ))
 }
 
 /// Our own index, read for display only (the bytes served are the file's).

@@ -23,10 +23,10 @@ pub mod handlers;
 pub mod middleware;
 pub mod ratelimit;
 
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,8 +108,8 @@ impl Default for Settings {
 /// Everything a request handler needs, built once.
 pub struct App {
     pub settings: Settings,
-    /// Root of the served tree.
-    pub tree: PathBuf,
+    /// The tree: reads come from the store the publisher writes.
+    pub store: Arc<dyn Store>,
     /// Where uploads are received before they are published.
     pub staging: PathBuf,
     pub repository: RepoName,
@@ -119,15 +119,12 @@ pub struct App {
     pub ip_limiter: RateLimiter,
     /// Failed authentications, per client IP.
     pub auth_failure_limiter: RateLimiter,
-    /// Small files of the tree recently read.
-    pub file_cache: files::FileCache,
     writer: Option<Writer>,
 }
 
-/// What the write side needs: the store, the signer, and one committer per
-/// repository (the root one and each organization's), made on first use.
+/// What the write side needs: the signer, and one committer per repository
+/// (the root one and each organization's), made on first use.
 struct Writer {
-    store: Arc<dyn Store>,
     signer: Arc<dyn Signer>,
     options: Options,
     committers: tokio::sync::Mutex<HashMap<Option<RepoName>, Arc<Committer>>>,
@@ -135,25 +132,25 @@ struct Writer {
 
 pub type AppState = Arc<App>;
 
-/// What a writable server publishes with: the tree's store, the signing key
-/// and the publisher options.
-pub type WriteSide = (Arc<dyn Store>, Arc<dyn Signer>, Options);
+/// What a writable server publishes with: the signing key and the publisher
+/// options.
+pub type WriteSide = (Arc<dyn Signer>, Options);
 
 impl App {
-    /// A server that reads and writes the tree at `tree`. Every repository
+    /// A server that reads (and, with `writer`, writes) the tree in
+    /// `store`. Every repository
     /// already in the tree is opened and recovered (changes cut off by a
     /// crash are finished) before the server answers.
     #[allow(clippy::too_many_arguments)]
     pub async fn new(
         settings: Settings,
-        tree: PathBuf,
+        store: Arc<dyn Store>,
         staging: PathBuf,
         repository: RepoName,
         keys: Option<KeyStore>,
         writer: Option<WriteSide>,
     ) -> Result<Self, PublishError> {
-        let writer = writer.map(|(store, signer, options)| Writer {
-            store,
+        let writer = writer.map(|(signer, options)| Writer {
             signer,
             options,
             committers: tokio::sync::Mutex::new(HashMap::new()),
@@ -162,9 +159,8 @@ impl App {
             key_limiter: RateLimiter::new(settings.rate_limit_key),
             ip_limiter: RateLimiter::new(settings.rate_limit_ip),
             auth_failure_limiter: RateLimiter::new(settings.rate_limit_auth_failures),
-            file_cache: files::FileCache::default(),
             settings,
-            tree,
+            store,
             staging,
             repository,
             keys,
@@ -172,10 +168,10 @@ impl App {
         };
         // Open every repository now, so a broken tree fails at start-up and
         // cut-off changes are finished before anyone reads.
-        if let Some(w) = &app.writer {
+        if app.writer.is_some() {
             app.committer(None).await?;
             let mut orgs = BTreeSet::new();
-            for p in w.store.list(crate::index::layout::REPOS_DIR).await? {
+            for p in app.store.list(crate::index::layout::REPOS_DIR).await? {
                 if let Some(org) = p.as_str().split('/').nth(1) {
                     orgs.insert(org.to_string());
                 }
@@ -191,10 +187,7 @@ impl App {
 
     /// The committer of the root repository (`org` = None) or of an
     /// organization's, opening its publisher on first use.
-    pub async fn committer(
-        &self,
-        org: Option<&RepoName>,
-    ) -> Result<Arc<Committer>, PublishError> {
+    pub async fn committer(&self, org: Option<&RepoName>) -> Result<Arc<Committer>, PublishError> {
         let w = self
             .writer
             .as_ref()
@@ -208,7 +201,7 @@ impl App {
             None => (self.repository.clone(), Layout::root()),
         };
         let publisher = Publisher::open(
-            w.store.clone(),
+            self.store.clone(),
             w.signer.clone(),
             repo,
             layout,
@@ -216,8 +209,7 @@ impl App {
         )
         .await?;
         let report = publisher.recover().await?;
-        if !report.adopted.is_empty() || !report.discarded.is_empty() || report.files_written > 0
-        {
+        if !report.adopted.is_empty() || !report.discarded.is_empty() || report.files_written > 0 {
             tracing::info!(
                 repository = %publisher.repository(),
                 adopted = report.adopted.len(),

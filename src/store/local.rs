@@ -369,12 +369,7 @@ impl Inner {
         Ok(version_of(&meta))
     }
 
-    fn put(
-        &self,
-        path: &TreePath,
-        body: Body,
-        mode: PutMode,
-    ) -> Result<ObjectVersion, StoreError> {
+    fn put(&self, path: &TreePath, body: Body, mode: PutMode) -> Result<ObjectVersion, StoreError> {
         let full = self.full(path);
         let old = stat(&full)?;
         if mode == PutMode::Create && old.is_some() {
@@ -504,7 +499,11 @@ impl Inner {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<TreePath>, StoreError> {
-        Ok(self.list_meta(prefix)?.into_iter().map(|(p, _)| p).collect())
+        Ok(self
+            .list_meta(prefix)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect())
     }
 
     fn list_meta(&self, prefix: &str) -> Result<Vec<(TreePath, fs::Metadata)>, StoreError> {
@@ -519,7 +518,7 @@ impl Inner {
         let mut out = Vec::new();
         let walk = walkdir::WalkDir::new(&base)
             .into_iter()
-            .filter_entry(|e| !e.file_name().to_string_lossy().starts_with('.'));
+            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
         for entry in walk {
             let entry = entry.map_err(|e| {
                 let path = e.path().unwrap_or(&base).display().to_string();
@@ -631,17 +630,15 @@ impl Store for LocalStore {
             return Ok(None);
         };
         let shown = full.display().to_string();
-        let stream = tokio_util::io::ReaderStream::with_capacity(
-            tokio::fs::File::from_std(file),
-            64 * 1024,
-        )
-        .map(move |r| {
-            r.map_err(|source| StoreError::Io {
-                action: "read",
-                path: shown.clone(),
-                source,
-            })
-        });
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024)
+                .map(move |r| {
+                    r.map_err(|source| StoreError::Io {
+                        action: "read",
+                        path: shown.clone(),
+                        source,
+                    })
+                });
         Ok(Some((meta_of(path, &meta), Box::pin(stream))))
     }
 
@@ -721,12 +718,17 @@ mod tests {
     #[test]
     fn tree_paths_stay_inside_the_tree() {
         for bad in [
-            "", "/abs", "a//b", "../x", "a/../b", "./a", ".hidden", "a/.tmp", "a b", "a\\b",
-            "é", "a/",
+            "", "/abs", "a//b", "../x", "a/../b", "./a", ".hidden", "a/.tmp", "a b", "a\\b", "é",
+            "a/",
         ] {
             assert!(TreePath::new(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["names", "packages/my_app", "tarballs/x-1.0.0.tar", "v1/packages/a/1.0.0/x86_64"] {
+        for good in [
+            "names",
+            "packages/my_app",
+            "tarballs/x-1.0.0.tar",
+            "v1/packages/a/1.0.0/x86_64",
+        ] {
             assert!(TreePath::new(good).is_ok(), "{good:?} refused");
         }
     }
@@ -741,11 +743,17 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            s.put(&a, b"two".to_vec().into(), &attrs(), PutMode::Create).await,
+            s.put(&a, b"two".to_vec().into(), &attrs(), PutMode::Create)
+                .await,
             Err(StoreError::AlreadyExists { .. })
         ));
         let v2 = s
-            .put(&a, b"two".to_vec().into(), &attrs(), PutMode::Update(v1.clone()))
+            .put(
+                &a,
+                b"two".to_vec().into(),
+                &attrs(),
+                PutMode::Update(v1.clone()),
+            )
             .await
             .unwrap();
         assert_ne!(v1, v2);
@@ -760,12 +768,22 @@ mod tests {
         assert_eq!(got.meta.version, v2);
         // Same size, rewritten at once: still a new version and a later time.
         let v3 = s
-            .put(&a, b"TWO".to_vec().into(), &attrs(), PutMode::Update(v2.clone()))
+            .put(
+                &a,
+                b"TWO".to_vec().into(),
+                &attrs(),
+                PutMode::Update(v2.clone()),
+            )
             .await
             .unwrap();
         assert_ne!(v2, v3);
         assert_eq!(s.list("").await.unwrap(), vec![a.clone()]);
-        assert_eq!(std::fs::read_dir(dir.path().join("packages")).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("packages"))
+                .unwrap()
+                .count(),
+            1
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -780,10 +798,18 @@ mod tests {
             .unwrap();
         for i in 0..50 {
             v = s
-                .put(&f, format!("{i:04}").into_bytes().into(), &attrs(), PutMode::Update(v))
+                .put(
+                    &f,
+                    format!("{i:04}").into_bytes().into(),
+                    &attrs(),
+                    PutMode::Update(v),
+                )
                 .await
                 .unwrap();
-            let t = std::fs::metadata(dir.path().join("freshness")).unwrap().modified().unwrap();
+            let t = std::fs::metadata(dir.path().join("freshness"))
+                .unwrap()
+                .modified()
+                .unwrap();
             if let Some(l) = last {
                 assert!(t > l, "rewrite {i} kept the time stamp");
             }
@@ -802,15 +828,21 @@ mod tests {
             .await
             .unwrap();
         let v1 = p("v1/packages/a/1.0.0/x86_64");
-        s.copy(&arch, &v1, &attrs(), PutMode::Overwrite).await.unwrap();
+        s.copy(&arch, &v1, &attrs(), PutMode::Overwrite)
+            .await
+            .unwrap();
         assert_eq!(&s.get(&v1).await.unwrap().unwrap().bytes[..], b"archive");
         assert!(matches!(
-            s.copy(&p("archives/none"), &v1, &attrs(), PutMode::Overwrite).await,
+            s.copy(&p("archives/none"), &v1, &attrs(), PutMode::Overwrite)
+                .await,
             Err(StoreError::NotFound { .. })
         ));
         s.delete(&v1).await.unwrap();
         s.delete(&v1).await.unwrap();
-        assert!(!dir.path().join("v1").exists(), "emptied directories are pruned");
+        assert!(
+            !dir.path().join("v1").exists(),
+            "emptied directories are pruned"
+        );
         // A temp file of a process that is gone, and one of this process.
         let dead = dir.path().join("archives/.tmp-4194304000-1-x");
         std::fs::write(&dead, b"x").unwrap();

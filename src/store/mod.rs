@@ -51,9 +51,7 @@ impl TreePath {
         if ok {
             Ok(Self(path))
         } else {
-            Err(StoreError::BadPath {
-                path: cut(&path),
-            })
+            Err(StoreError::BadPath { path: cut(&path) })
         }
     }
 

@@ -125,7 +125,10 @@ impl ObjectBackend {
             AttributeValue::from(attributes.cache_control.clone()),
         );
         if let Some(d) = &attributes.content_disposition {
-            attrs.insert(Attribute::ContentDisposition, AttributeValue::from(d.clone()));
+            attrs.insert(
+                Attribute::ContentDisposition,
+                AttributeValue::from(d.clone()),
+            );
         }
         let mode = match mode {
             PutMode::Overwrite => object_store::PutMode::Overwrite,
@@ -157,11 +160,12 @@ fn meta_of(m: &object_store::ObjectMeta, attributes: Option<Attributes>) -> Obje
         size: m.size,
         // Every store this backend is used with gives ETags (S3 and the
         // in-memory one do); the time stamp stands in for one otherwise.
-        version: ObjectVersion(
-            m.e_tag
-                .clone()
-                .unwrap_or_else(|| m.last_modified.timestamp_nanos_opt().unwrap_or(0).to_string()),
-        ),
+        version: ObjectVersion(m.e_tag.clone().unwrap_or_else(|| {
+            m.last_modified
+                .timestamp_nanos_opt()
+                .unwrap_or(0)
+                .to_string()
+        })),
         last_modified: Some(m.last_modified.into()),
         attributes,
     }
@@ -419,11 +423,17 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            s.put(&a, b"x".to_vec().into(), &attrs, PutMode::Create).await,
+            s.put(&a, b"x".to_vec().into(), &attrs, PutMode::Create)
+                .await,
             Err(StoreError::AlreadyExists { .. })
         ));
         let v2 = s
-            .put(&a, b"two".to_vec().into(), &attrs, PutMode::Update(v1.clone()))
+            .put(
+                &a,
+                b"two".to_vec().into(),
+                &attrs,
+                PutMode::Update(v1.clone()),
+            )
             .await
             .unwrap();
         assert!(s
@@ -436,7 +446,9 @@ mod tests {
         assert_eq!(got.meta.attributes.as_ref(), Some(&attrs));
         let latest = p("v1/packages/a/latest/x86_64");
         let other = crate::index::layout::attributes(latest.as_str(), Some("a-1.0.0-x86_64.niso"));
-        s.copy(&a, &latest, &other, PutMode::Overwrite).await.unwrap();
+        s.copy(&a, &latest, &other, PutMode::Overwrite)
+            .await
+            .unwrap();
         assert_eq!(
             s.head(&latest).await.unwrap().unwrap().attributes,
             Some(other)

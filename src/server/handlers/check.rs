@@ -48,6 +48,7 @@ pub async fn check_pull(
     let mut resp = StatusCode::OK.into_response();
     if matches!(file.kind, FileKind::V1Download { .. }) {
         let disposition = files::content_disposition(&app, &target)
+            .await
             .ok_or_else(|| ApiError::not_found("no such file"))?;
         let value = HeaderValue::from_str(&disposition).map_err(ApiError::internal)?;
         resp.headers_mut().insert(DISPOSITION_HEADER, value);

@@ -436,12 +436,11 @@ pub async fn search(
         .as_ref()
         .map(|o| format!("repos/{o}/"))
         .unwrap_or_default();
-    let path = app.tree.join(format!("{prefix}{}", layout::V1_INDEX));
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::not_found("no such repository"))
-        }
+    let path = crate::store::TreePath::new(format!("{prefix}{}", layout::V1_INDEX))
+        .map_err(ApiError::internal)?;
+    let bytes = match app.store.get(&path).await {
+        Ok(Some(o)) => o.bytes,
+        Ok(None) => return Err(ApiError::not_found("no such repository")),
         Err(e) => return Err(ApiError::internal(e)),
     };
     let list: json::PackageList = serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
