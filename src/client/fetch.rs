@@ -43,6 +43,8 @@ pub enum ReadError {
     Index { path: String, source: CodecError },
     #[error("{location}: this is not a niso registry, or not the root of one (no signed freshness record); check the URL")]
     NotARegistry { location: String },
+    #[error("{location}: no organization repository {org} here (nothing was ever published into it, or your API key may not see it)")]
+    NoOrganization { location: String, org: String },
     #[error("no package {name} in repository {repository}; try `niso search {name}`")]
     NoPackage { name: String, repository: String },
     #[error("{path}: names package {found:?}, not {expected:?}")]
@@ -80,6 +82,7 @@ pub struct RepoReader {
     /// Path of this repository's freshness record from the registry's root:
     /// what the client's state remembers generations by.
     freshness_path: String,
+    org: Option<RepoName>,
     limits: Limits,
 }
 
@@ -98,6 +101,7 @@ impl RepoReader {
             key,
             repository: repository.to_string(),
             freshness_path: prefix.dir(layout::FRESHNESS),
+            org: org.cloned(),
             limits: Limits::default(),
         }
     }
@@ -132,7 +136,13 @@ impl RepoReader {
         {
             Ok(b) => b,
             Err(TransportError::NotFound { location }) => {
-                return Err(ReadError::NotARegistry { location })
+                return Err(match &self.org {
+                    Some(org) => ReadError::NoOrganization {
+                        location,
+                        org: org.to_string(),
+                    },
+                    None => ReadError::NotARegistry { location },
+                })
             }
             Err(e) => return Err(e.into()),
         };

@@ -23,6 +23,7 @@ use base64::Engine;
 use ed25519_dalek::SigningKey;
 
 use super::api::{self, ApiClient, ApiError, Uploaded};
+use super::fetch::ReadError;
 use super::session::{Session, SessionError};
 use super::signing::{self, SigningError};
 use crate::archive::{self, ArchiveError, ArchiveInfo};
@@ -144,7 +145,12 @@ pub struct Pusher<'a> {
 
 impl Pusher<'_> {
     fn check(&self, prepared: &Prepared) -> Result<Published, PushError> {
-        let fresh = self.session.fresh()?;
+        let fresh = match self.session.fresh() {
+            Ok(f) => f,
+            // The first push into an organization creates its repository.
+            Err(SessionError::Read(ReadError::NoOrganization { .. })) => return Ok(Published::No),
+            Err(e) => return Err(e.into()),
+        };
         let name: &PackageName = &prepared.info.name;
         let pkg = self
             .session
