@@ -167,3 +167,32 @@ fn check_signature(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::Signer;
+    use std::io::Write;
+
+    #[test]
+    fn a_signature_must_be_present_known_and_valid() {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let vk = sk.verifying_key();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"archive bytes").unwrap();
+        let artifact = |sig: Option<Vec<u8>>| crate::index::pb::Artifact {
+            publisher_signature: sig,
+            publisher_key_id: Some(signing::key_id(&vk)),
+            ..Default::default()
+        };
+        let good = sk.sign(b"archive bytes").to_bytes().to_vec();
+        check_signature("x", &artifact(Some(good)), &[vk], &file).unwrap();
+        let other = sk.sign(b"other bytes").to_bytes().to_vec();
+        let e = check_signature("x", &artifact(Some(other)), &[vk], &file).unwrap_err();
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        let e = check_signature("x", &artifact(Some(vec![1, 2])), &[vk], &file).unwrap_err();
+        assert!(e.to_string().contains("malformed"), "{e}");
+        let e = check_signature("x", &artifact(None), &[vk], &file).unwrap_err();
+        assert!(e.to_string().contains("no publisher signature"), "{e}");
+    }
+}
