@@ -118,7 +118,7 @@ pub fn main() -> ExitCode {
         Command::Search(args) => args.run(&ctx),
         Command::Tag(args) => args.run(&ctx),
         Command::Login(args) => args.run(&ctx),
-        Command::Package(args) => args.run(),
+        Command::Package(args) => args.run(&ctx),
         Command::Registry(cmd) => cmd.run(&ctx),
     };
     match result {

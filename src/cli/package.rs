@@ -63,17 +63,27 @@ fn check_entrypoint_is_executable(dir: &Path) -> anyhow::Result<()> {
 }
 
 impl PackageArgs {
-    pub fn run(self) -> anyhow::Result<Outcome> {
+    pub fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         check_entrypoint_is_executable(&self.dir)?;
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("cannot create {}", self.out.display()))?;
         let (path, manifest) = niso::create(&self.dir, &self.out, &Limits::default())
             .with_context(|| format!("cannot package {}", self.dir.display()))?;
+        if ctx.json {
+            ctx.emit(
+                "packaged",
+                serde_json::json!({
+                    "name": manifest.name.as_str(), "version": manifest.version.as_str(),
+                    "arch": manifest.arch.as_str(), "path": path.display().to_string(),
+                }),
+            );
+            return Ok(Outcome::Success);
+        }
         eprintln!(
             "Packaged {} {} ({})",
             manifest.name, manifest.version, manifest.arch
         );
-        println!("{}", path.display());
+        super::output::line(&path.display().to_string());
         Ok(Outcome::Success)
     }
 }

@@ -56,10 +56,10 @@ impl RegistryCommand {
             Self::ListKeys(a) => a.run(ctx),
             Self::RevokeKey(a) => a.run(ctx),
             Self::Serve(a) => a.run(),
-            Self::Init(a) => a.run(),
-            Self::Build(a) => a.run(),
+            Self::Init(a) => a.run(ctx),
+            Self::Build(a) => a.run(ctx),
             Self::Verify(a) => a.run(ctx),
-            Self::Publish(a) => a.run(),
+            Self::Publish(a) => a.run(ctx),
         }
     }
 }
@@ -93,17 +93,30 @@ pub struct InitArgs {
 }
 
 impl InitArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let dd = DataDir::init(&self.data_dir, &self.name, self.private_key.as_deref())
             .with_context(|| format!("cannot create a registry in {}", self.data_dir.display()))?;
         let key = dd.key()?;
+        let fingerprint = key.public_key().fingerprint();
+        if ctx.json {
+            ctx.emit(
+                "initialized",
+                serde_json::json!({
+                    "repository": self.name.as_str(),
+                    "data_dir": self.data_dir.display().to_string(),
+                    "serve": dd.public_dir().display().to_string(),
+                    "key_fingerprint": fingerprint,
+                }),
+            );
+            return Ok(Outcome::Success);
+        }
         eprintln!(
             "Created repository {} in {}",
             self.name,
             self.data_dir.display()
         );
         eprintln!("Serve {}", dd.public_dir().display());
-        println!("public key sha256:{}", key.public_key().fingerprint());
+        super::output::line(&format!("public key sha256:{fingerprint}"));
         Ok(Outcome::Success)
     }
 }
@@ -137,7 +150,7 @@ pub struct BuildArgs {
 }
 
 impl BuildArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let (tree, key, name, _lock) = if DataDir::is_data_dir(&self.data_dir) {
             if self.name.is_some() {
                 bail!(
@@ -187,6 +200,17 @@ impl BuildArgs {
             )
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
             let report = publisher.rebuild()?;
+            if ctx.json {
+                ctx.emit(
+                    "built",
+                    serde_json::json!({
+                        "repository": repo.as_str(), "packages": report.packages,
+                        "releases": report.releases, "archives": report.artifacts,
+                        "files_written": report.files_written, "files_removed": report.files_removed,
+                    }),
+                );
+                continue;
+            }
             eprintln!(
                 "Built {repo}: {} packages, {} releases, {} archives ({} files written, {} removed)",
                 report.packages, report.releases, report.artifacts, report.files_written, report.files_removed
@@ -357,7 +381,7 @@ pub struct PublishArgs {
 }
 
 impl PublishArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let dd = DataDir::open(&self.data_dir)?;
         let _lock = dd.lock()?;
         let layout = match &self.org {
@@ -369,13 +393,20 @@ impl PublishArgs {
         let mut failed = 0;
         for path in &self.archives {
             match publish_file(&dd, &publisher, path, &limits) {
+                Ok(p) if ctx.json => ctx.emit(
+                    "published",
+                    serde_json::json!({
+                        "name": p.name.as_str(), "version": p.version.as_str(),
+                        "arch": p.arch.as_str(), "size": p.size,
+                    }),
+                ),
                 Ok(p) => eprintln!(
                     "Published {} {} ({}) — {} bytes",
                     p.name, p.version, p.arch, p.size
                 ),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("niso: {}: {e:#}", path.display());
+                    eprintln!("niso: {}: {}", path.display(), super::error_text(&e));
                 }
             }
         }
