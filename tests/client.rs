@@ -1412,7 +1412,7 @@ fn verify_stops_at_the_root_cause_of_a_wrong_key_or_name() {
         "{o}"
     );
     assert!(o.contains("check --public-key"), "{o}");
-    assert!(e.contains("Checked repository acme"), "{e}");
+    assert!(e.contains("Repository acme: 0 packages"), "{e}");
     let (o, _) = run(&good_key, "wrong");
     assert_eq!(o.lines().count(), 1, "{o}");
     assert!(

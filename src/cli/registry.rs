@@ -336,16 +336,11 @@ impl VerifyArgs {
                 );
             } else {
                 eprintln!(
-                    "Checked repository {repo}: {} packages, {} releases, {} archives, {} {}",
+                    "Repository {repo}: {} packages, {} releases, {} archives checked, {} problems",
                     report.packages,
                     report.releases,
                     report.artifacts,
                     report.problems.len(),
-                    if report.problems.len() == 1 {
-                        "problem"
-                    } else {
-                        "problems"
-                    }
                 );
             }
         }
