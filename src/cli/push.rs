@@ -40,7 +40,7 @@ Examples:
   $ niso push phoenix-1.7.0.tar --sign publisher.pem
   $ NISO_REGISTRY=private NISO_KEY=niso_k1_… niso push dist/*.niso
 
-With --json: {\"type\":\"pushed\",\"name\":…,\"version\":…,\"arch\":…,\"size\":…,\"sha256\":…,\"already_published\":false}")]
+With --json: {\"type\":\"pushed\",\"name\":…,\"version\":…,\"arch\":…,\"size\":…,\"sha256\":…,\"already_published\":false,\"retried\":false,\"signed\":false}")]
 pub struct PushArgs {
     /// The archive: NAME-VERSION-ARCH.niso or a Hex tarball NAME-VERSION.tar.
     file: PathBuf,
@@ -102,6 +102,7 @@ impl PushArgs {
                     "name": info.name.as_str(), "version": info.version.as_str(),
                     "arch": info.arch.as_str(), "size": info.size,
                     "sha256": hex::encode(info.sha256), "already_published": already,
+                    "retried": pushed == Pushed::Uploaded { retried: true },
                     "signed": signer.is_some(),
                 }),
             );
