@@ -151,15 +151,20 @@ impl RegistryState {
 
     /// Forgets everything (the registry was removed or re-added).
     pub fn forget(&self) -> Result<(), StateError> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io {
-                action: "remove",
-                path: self.path.display().to_string(),
-                source,
-            }),
+        for path in [self.path.clone(), self.path.with_extension("lock")] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StateError::Io {
+                        action: "remove",
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            }
         }
+        Ok(())
     }
 }
 
