@@ -19,21 +19,47 @@ use crate::store::{LocalStore, Store};
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
+    /// Add a registry to talk to, pinning its repository key.
+    Add(super::registries::AddArgs),
+    /// List the configured registries.
+    List(super::registries::ListArgs),
+    /// Remove a configured registry.
+    Remove(super::registries::RemoveArgs),
+    /// List a package's tags.
+    ListTags(super::tags::ListTagsArgs),
+    /// Create an API key.
+    CreateKey(super::keys::CreateKeyArgs),
+    /// List API keys.
+    ListKeys(super::keys::ListKeysArgs),
+    /// Revoke an API key.
+    RevokeKey(super::keys::RevokeKeyArgs),
+    /// Serve the write API and the static tree on one port.
     Serve(super::serve::ServeArgs),
+    /// Create a registry data directory with a new signing key.
     Init(InitArgs),
+    /// Regenerate every index from the archives in the tree.
     Build(BuildArgs),
+    /// Check a registry tree: signatures, agreement, archives, freshness.
     Verify(VerifyArgs),
+    /// Publish archives into a registry directly, without a server.
     Publish(PublishArgs),
 }
 
 impl RegistryCommand {
-    pub fn run(self) -> anyhow::Result<Outcome> {
+    pub fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         match self {
+            Self::Add(a) => a.run(ctx),
+            Self::List(a) => a.run(ctx),
+            Self::Remove(a) => a.run(ctx),
+            Self::ListTags(a) => a.run(ctx),
+            Self::CreateKey(a) => a.run(ctx),
+            Self::ListKeys(a) => a.run(ctx),
+            Self::RevokeKey(a) => a.run(ctx),
             Self::Serve(a) => a.run(),
-            Self::Init(a) => a.run(),
-            Self::Build(a) => a.run(),
-            Self::Verify(a) => a.run(),
-            Self::Publish(a) => a.run(),
+            Self::Init(a) => a.run(ctx),
+            Self::Build(a) => a.run(ctx),
+            Self::Verify(a) => a.run(ctx),
+            Self::Publish(a) => a.run(ctx),
         }
     }
 }
@@ -48,7 +74,11 @@ impl RegistryCommand {
 Example:
   $ niso registry init --data-dir /var/lib/niso-registry --name acme
   Created repository acme in /var/lib/niso-registry
-  Serve /var/lib/niso-registry/public; clients pin public_key (sha256 fingerprint printed below).")]
+  Serve /var/lib/niso-registry/public
+  public key sha256:3f1c…9a0b
+
+The last line (on stdout) is the SHA-256 fingerprint of public_key: give it
+to your users, who compare it when `niso registry add` shows it.")]
 pub struct InitArgs {
     /// The data directory to create.
     #[arg(long)]
@@ -63,17 +93,30 @@ pub struct InitArgs {
 }
 
 impl InitArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let dd = DataDir::init(&self.data_dir, &self.name, self.private_key.as_deref())
             .with_context(|| format!("cannot create a registry in {}", self.data_dir.display()))?;
         let key = dd.key()?;
+        let fingerprint = key.public_key().fingerprint();
+        if ctx.json {
+            ctx.emit(
+                "initialized",
+                serde_json::json!({
+                    "repository": self.name.as_str(),
+                    "data_dir": self.data_dir.display().to_string(),
+                    "serve": dd.public_dir().display().to_string(),
+                    "key_fingerprint": fingerprint,
+                }),
+            );
+            return Ok(Outcome::Success);
+        }
         eprintln!(
             "Created repository {} in {}",
             self.name,
             self.data_dir.display()
         );
         eprintln!("Serve {}", dd.public_dir().display());
-        println!("public key sha256:{}", key.public_key().fingerprint());
+        super::output::line(&format!("public key sha256:{fingerprint}"));
         Ok(Outcome::Success)
     }
 }
@@ -107,7 +150,7 @@ pub struct BuildArgs {
 }
 
 impl BuildArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let (tree, key, name, _lock) = if DataDir::is_data_dir(&self.data_dir) {
             if self.name.is_some() {
                 bail!(
@@ -157,6 +200,17 @@ impl BuildArgs {
             )
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
             let report = publisher.rebuild()?;
+            if ctx.json {
+                ctx.emit(
+                    "built",
+                    serde_json::json!({
+                        "repository": repo.as_str(), "packages": report.packages,
+                        "releases": report.releases, "archives": report.artifacts,
+                        "files_written": report.files_written, "files_removed": report.files_removed,
+                    }),
+                );
+                continue;
+            }
             eprintln!(
                 "Built {repo}: {} packages, {} releases, {} archives ({} files written, {} removed)",
                 report.packages, report.releases, report.artifacts, report.files_written, report.files_removed
@@ -175,7 +229,11 @@ impl BuildArgs {
 #[command(after_long_help = "\
 Examples:
   $ niso registry verify /var/lib/niso-registry/public --public-key acme.pub --name acme
-  $ niso registry verify https://registry.example.com --public-key acme.pub --name acme --org team")]
+  $ niso registry verify https://registry.example.com --public-key acme.pub --name acme --org team
+
+With --json, one line per problem and per repository:
+  {\"type\":\"problem\",\"repository\":\"acme\",\"prefix\":\"\",\"message\":\"names: …\"}
+  {\"type\":\"summary\",\"repository\":\"acme\",\"packages\":3,\"releases\":5,\"archives\":6,\"problems\":1}")]
 pub struct VerifyArgs {
     /// Directory or URL of the tree.
     target: String,
@@ -192,7 +250,7 @@ pub struct VerifyArgs {
 }
 
 impl VerifyArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let key = PublicKey::from_file(&self.public_key)?;
         let is_url = self.target.starts_with("http://") || self.target.starts_with("https://");
         let local = (!is_url).then(|| {
@@ -248,17 +306,43 @@ impl VerifyArgs {
                     listing,
                 },
             );
+            // Problems name a place in the tree (`names: …`, `my-app 1.0.0
+            // (x86_64): …`), under `repos/ORG/` for an organization; never
+            // the repository name alone, which would read like the `niso:`
+            // error prefix.
+            let place = match layout.prefix() {
+                "" => String::new(),
+                p => format!("{p}/"),
+            };
             for p in &report.problems {
-                println!("{repo}: {p}");
+                if ctx.json {
+                    ctx.emit(
+                        "problem",
+                        serde_json::json!({ "repository": repo.as_str(), "prefix": layout.prefix(), "message": p }),
+                    );
+                } else {
+                    super::output::line(&format!("{place}{p}"));
+                }
             }
             total += report.problems.len();
-            eprintln!(
-                "{repo}: {} packages, {} releases, {} archives checked, {} problems",
-                report.packages,
-                report.releases,
-                report.artifacts,
-                report.problems.len()
-            );
+            if ctx.json {
+                ctx.emit(
+                    "summary",
+                    serde_json::json!({
+                        "repository": repo.as_str(), "packages": report.packages,
+                        "releases": report.releases, "archives": report.artifacts,
+                        "problems": report.problems.len(),
+                    }),
+                );
+            } else {
+                eprintln!(
+                    "Repository {repo}: {} packages, {} releases, {} archives checked, {} problems",
+                    report.packages,
+                    report.releases,
+                    report.artifacts,
+                    report.problems.len(),
+                );
+            }
         }
         Ok(if total == 0 {
             Outcome::Success
@@ -280,6 +364,7 @@ impl VerifyArgs {
 Example:
   $ niso registry publish --data-dir /var/lib/niso-registry my-app-1.1.0-x86_64.niso phoenix-1.7.0.tar")]
 pub struct PublishArgs {
+    /// The registry's data directory (made by `registry init` or `serve`).
     #[arg(long)]
     data_dir: PathBuf,
     /// Publish into this organization repository (`repos/ORG/`).
@@ -291,7 +376,7 @@ pub struct PublishArgs {
 }
 
 impl PublishArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let dd = DataDir::open(&self.data_dir)?;
         let _lock = dd.lock()?;
         let layout = match &self.org {
@@ -303,13 +388,20 @@ impl PublishArgs {
         let mut failed = 0;
         for path in &self.archives {
             match publish_file(&dd, &publisher, path, &limits) {
+                Ok(p) if ctx.json => ctx.emit(
+                    "published",
+                    serde_json::json!({
+                        "name": p.name.as_str(), "version": p.version.as_str(),
+                        "arch": p.arch.as_str(), "size": p.size,
+                    }),
+                ),
                 Ok(p) => eprintln!(
                     "Published {} {} ({}) — {} bytes",
                     p.name, p.version, p.arch, p.size
                 ),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("niso: {}: {e:#}", path.display());
+                    eprintln!("niso: {}: {}", path.display(), super::error_text(&e));
                 }
             }
         }
