@@ -42,7 +42,7 @@ use niso::archive::inspect_file;
 use niso::datadir::DataDir;
 use niso::ident::RepoName;
 use niso::limits::Limits;
-use niso::publish::{unix_now, Layout, Options, Upload};
+use niso::publish::{unix_now, Layout, Options, StagedFile, Upload};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -302,7 +302,10 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     // 1. Generate (not timed as a result; its time is reported for context).
     let t = Instant::now();
     let name = RepoName::new("bench")?;
-    let dd = DataDir::init(&root, &name, None)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let dd = rt.block_on(DataDir::init(&root, &name, None, None))?;
     let archives_dir = dd.public_dir().join("archives");
     fs::create_dir_all(&archives_dir)?;
     let archive_bytes = generate(&archives_dir, n, v, width)?;
@@ -357,11 +360,15 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
         rebuilds.push(Rebuild { run, report });
     }
 
-    // 3. Publishes, in this process, under the data directory's lock.
+    // 3. Publishes, in this process.
     let dd = DataDir::open(&root)?;
-    let _lock = dd.lock()?;
     let t = Instant::now();
-    let publisher = dd.publisher(Arc::new(dd.key()?), Layout::root(), Options::default())?;
+    let publisher = rt.block_on(dd.publisher(
+        Arc::new(dd.key()?),
+        Layout::root(),
+        Options::default(),
+        None,
+    ))?;
     let open = t.elapsed();
     let staging = dd.staging_dir();
     fs::create_dir_all(&staging)?;
@@ -381,12 +388,12 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
         let staged = stage(&pkg, &version(v + k / per_round))?;
         let t = Instant::now();
         let info = inspect_file(&staged, &limits)?;
-        publisher.publish(Upload {
+        rt.block_on(publisher.publish(Upload {
             info,
-            staged: staged.clone(),
+            staged: StagedFile::Borrowed(staged.clone()),
             uploaded_at: unix_now(),
             signature: None,
-        })?;
+        }))?;
         publish_ms.push(t.elapsed().as_secs_f64() * 1e3);
         fs::remove_file(&staged)?;
     }
@@ -408,13 +415,13 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
             .map(|(_, p)| {
                 Ok(Upload {
                     info: inspect_file(p, &limits)?,
-                    staged: p.clone(),
+                    staged: StagedFile::Borrowed(p.clone()),
                     uploaded_at: unix_now(),
                     signature: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let results = publisher.publish_batch(uploads);
+        let results = rt.block_on(publisher.publish_batch(uploads));
         let elapsed = t.elapsed();
         for ((pkg, _), r) in staged.iter().zip(&results) {
             if let Err(e) = r {
@@ -427,7 +434,6 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
         }
     }
     drop(publisher);
-    drop(_lock);
     let load_after = loadavg(3);
 
     // As the full rebuild counted them.

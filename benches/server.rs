@@ -755,7 +755,10 @@ fn prepare_tree(cfg: &Config, niso: &Path, n: usize) -> Result<Tree> {
         root.display()
     );
     let t = Instant::now();
-    let dd = DataDir::init(&root, &RepoName::new("bench")?, None)?;
+    let dd = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(DataDir::init(&root, &RepoName::new("bench")?, None, None))?;
     let archives_dir = dd.public_dir().join("archives");
     fs::create_dir_all(&archives_dir)?;
     let archive_bytes = write_tree_archives(&archives_dir, n, cfg.versions)?;

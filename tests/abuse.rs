@@ -669,7 +669,7 @@ fn create_key(s: &Server, name: &str, scopes: &[&str]) -> (String, String) {
 
 fn read_package(tree: &Path, name: &str) -> niso::index::pb::Package {
     let key = niso::index::PublicKey::from_file(&tree.join("public_key")).unwrap();
-    let bytes = std::fs::read(tree.join("packages").join(name)).unwrap();
+    let bytes = std::fs::read(tree.join("niso/packages").join(name)).unwrap();
     niso::index::decode_index(&bytes, &key, "acme", 1 << 24).unwrap()
 }
 

@@ -383,6 +383,7 @@ fn spellings(f: &str) -> Vec<String> {
 const PRIVATE: &[&str] = &[
     "names",
     "packages/jason",
+    "niso/packages/my-app",
     "tarballs/jason-1.4.4.tar",
     "archives/my-app-1.1.0-x86_64.niso",
     "v1/packages",
@@ -567,7 +568,7 @@ fn nginx_answers_every_read_as_serve_does() {
         "freshness".into(),
         format!("freshness-bins/{bin}"),
         "packages/jason".into(),
-        "packages/my-app".into(),
+        "niso/packages/my-app".into(),
         "packages/nope".into(),
         "tarballs/jason-1.4.4.tar".into(),
         "tarballs/nope-1.0.0.tar".into(),
@@ -698,7 +699,7 @@ fn nginx_answers_every_read_as_serve_does() {
         r.header("cache-control"),
         Some("private, max-age=31536000, immutable")
     );
-    let r = n("/repos/team/packages/my-app", Some(&narrow));
+    let r = n("/repos/team/niso/packages/my-app", Some(&narrow));
     assert_eq!(
         (r.status, r.header("cache-control")),
         (200, Some("private, no-cache"))
@@ -711,7 +712,7 @@ fn nginx_answers_every_read_as_serve_does() {
     );
     // A key for some packages reads them, not the organization's lists.
     for (path, status) in [
-        ("/repos/team/packages/my-app", 200),
+        ("/repos/team/niso/packages/my-app", 200),
         ("/repos/team/v1/packages/my-app/versions", 200),
         ("/repos/team/public_key", 200),
         ("/repos/team/packages/jason", 403),
@@ -846,7 +847,7 @@ fn no_scope_crosses_into_every_organization_or_lists_one_it_only_partly_covers()
     publish_fixtures(&s.addr, &s.admin);
     let web = create_key(&s, "web", &["pull:team/my-*"]);
     for (path, status) in [
-        ("/repos/team/packages/my-app", 200),
+        ("/repos/team/niso/packages/my-app", 200),
         ("/repos/team/v1/packages/my-app/latest/x86_64", 200),
         ("/repos/team/public_key", 200),
         ("/repos/team/packages/jason", 403),

@@ -60,8 +60,9 @@ fn init_build_verify_on_real_archives_and_a_hex_client_accepts_the_tree() {
 
     let (ok, out) = hex_client_check(&public, "acme", &public.join("public_key"));
     assert!(ok, "Hex client rejected the tree:\n{out}");
-    assert!(out.contains("ok 4 packages 7 releases"), "{out}");
-    // The Hex client must see every Hex release (and skip only niso ones).
+    // Hex's view holds the Hex releases only: my-app (.niso) is not in it.
+    assert!(out.contains("ok 3 packages 5 releases"), "{out}");
+    // The Hex client must see every Hex release.
     for rel in [
         "decimal-2.0.0",
         "decimal-2.1.1",
@@ -164,15 +165,15 @@ fn verify_detects_a_replayed_old_index() {
         use sha2::Digest;
         format!("freshness-bins/{:02x}", sha2::Sha256::digest("my-app")[0])
     };
-    let old = std::fs::read(public.join("packages/my-app")).unwrap();
+    let old = std::fs::read(public.join("niso/packages/my-app")).unwrap();
     let old_bin = std::fs::read(public.join(&bin)).unwrap();
     niso_ok(&["registry", "publish", "--data-dir", p(&dd), p(&niso[1])]);
     // The old index is validly signed: only the freshness sidecar tells.
-    std::fs::write(public.join("packages/my-app"), old).unwrap();
+    std::fs::write(public.join("niso/packages/my-app"), old).unwrap();
     let (code, out) = verify(&dd, "acme");
     assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains("packages/my-app: does not match its digest in freshness"),
+        out.contains("niso/packages/my-app: does not match its digest in freshness"),
         "{out}"
     );
     // Replaying the package's freshness bin with it does not help: the
@@ -219,13 +220,29 @@ fn a_bad_archive_is_refused_with_a_precise_error_and_changes_nothing() {
 fn a_published_version_is_immutable() {
     let tmp = tempfile::tempdir().unwrap();
     let dd = init(tmp.path(), "acme");
-    let f = &hex_fixtures()[0];
+    let f = &niso_fixtures()[0]; // my-app 1.0.0 x86_64
     niso_ok(&["registry", "publish", "--data-dir", p(&dd), p(f)]);
     let before = snapshot(&dd.join("public"));
-    let out = niso(&["registry", "publish", "--data-dir", p(&dd), p(f)]);
+    // The same bytes again: a success that changes nothing (safe to re-run).
+    let out = niso_ok(&["registry", "publish", "--data-dir", p(&dd), p(f)]);
+    assert!(out.contains("Already published"), "{out}");
+    assert_eq!(before, snapshot(&dd.join("public")));
+    // Other bytes under the same name, version and arch: refused.
+    let src = tempfile::tempdir().unwrap();
+    let pkg = src.path().join("pkg");
+    std::fs::create_dir_all(pkg.join("payload/bin")).unwrap();
+    std::fs::write(pkg.join("payload/bin/my-app"), "other bytes").unwrap();
+    std::fs::write(
+        pkg.join("niso.toml"),
+        "[package]\nname = \"my-app\"\nversion = \"1.0.0\"\narch = \"x86_64\"\ndescription = \"My application\"\n[binary]\nentrypoint = \"bin/my-app\"\n",
+    )
+    .unwrap();
+    let (other, _) =
+        niso::archive::niso::create(&pkg, src.path(), &niso::limits::Limits::default()).unwrap();
+    let out = niso(&["registry", "publish", "--data-dir", p(&dd), p(&other)]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out).contains("decimal 2.0.0 (any) is already published"),
+        text(&out).contains("my-app 1.0.0 (x86_64) is already published with other bytes"),
         "{}",
         text(&out)
     );
@@ -534,20 +551,17 @@ fn a_hex_client_reads_a_versions_index_deflated_in_parallel_chunks() {
     // 3,000 packages make `versions` about 150 KB.
     let tmp = tempfile::tempdir().unwrap();
     let dd = init(tmp.path(), "acme");
-    let archives = dd.join("public/archives");
-    std::fs::create_dir_all(&archives).unwrap();
-    let src = tempfile::tempdir().unwrap();
-    let limits = niso::limits::Limits::default();
+    // Hex tarballs: only they are in Hex's `versions`.
+    let tarballs = dd.join("public/tarballs");
+    std::fs::create_dir_all(&tarballs).unwrap();
     for i in 0..3000 {
-        let pkg = src.path().join(format!("p{i}"));
-        std::fs::create_dir_all(pkg.join("payload")).unwrap();
-        std::fs::write(pkg.join("payload/run"), "x").unwrap();
+        let name = format!("a_package_with_a_rather_long_name_{i:05}");
+        let version = format!("1.0.{}", i % 10);
         std::fs::write(
-            pkg.join("niso.toml"),
-            format!("[package]\nname = \"a-package-with-a-rather-long-name-{i:05}\"\nversion = \"1.0.{}\"\narch = \"x86_64\"\n[binary]\nentrypoint = \"run\"\n", i % 10),
+            tarballs.join(format!("{name}-{version}.tar")),
+            hex_tarball(&name, &version),
         )
         .unwrap();
-        niso::archive::niso::create(&pkg, &archives, &limits).unwrap();
     }
     niso_ok(&["registry", "build", "--data-dir", p(&dd)]);
     let public = dd.join("public");

@@ -224,7 +224,7 @@ fn every_endpoint_as_seed_000_shows_and_reads_equal_the_files() {
         ),
         ("/names", "names"),
         ("/versions", "versions"),
-        ("/packages/my-app", "packages/my-app"),
+        ("/niso/packages/my-app", "niso/packages/my-app"),
         ("/tarballs/jason-1.4.4.tar", "tarballs/jason-1.4.4.tar"),
         ("/public_key", "public_key"),
     ] {
@@ -658,7 +658,7 @@ fn publisher_signatures_are_checked_and_kept_in_the_index() {
 
 fn read_package(tree: &Path, name: &str) -> niso::index::pb::Package {
     let key = niso::index::PublicKey::from_file(&tree.join("public_key")).unwrap();
-    let bytes = std::fs::read(tree.join("packages").join(name)).unwrap();
+    let bytes = std::fs::read(tree.join("niso/packages").join(name)).unwrap();
     niso::index::decode_index(&bytes, &key, "acme", 1 << 24).unwrap()
 }
 
@@ -730,9 +730,17 @@ fn bad_uploads_are_refused_and_change_nothing() {
         .send()
         .unwrap();
     error_of(r, StatusCode::PAYLOAD_TOO_LARGE);
-    // A second upload of a published version.
+    // The same bytes again: the first answer again (a safe retry), no change.
     let r = upload(&s, &s.admin, "/v1/packages/my-app/1.0.0/x86_64", body);
-    assert!(error_of(r, StatusCode::CONFLICT).contains("already published"));
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        r.headers()["x-niso-already-published"].to_str().unwrap(),
+        "true"
+    );
+    // Other bytes for a published version.
+    let other = niso_archive("my-app", "1.0.0", "x86_64", "other bytes");
+    let r = upload(&s, &s.admin, "/v1/packages/my-app/1.0.0/x86_64", other);
+    assert!(error_of(r, StatusCode::CONFLICT).contains("already published with other bytes"));
     assert_eq!(
         before,
         snapshot(&s.tree()),
@@ -746,37 +754,80 @@ fn bad_uploads_are_refused_and_change_nothing() {
     s.assert_tree_verifies();
 }
 
+/// A `.niso` archive of `name` `version` `arch` whose payload says `text`.
+fn niso_archive(name: &str, version: &str, arch: &str, text: &str) -> Vec<u8> {
+    let src = tempfile::tempdir().unwrap();
+    let pkg = src.path().join("pkg");
+    std::fs::create_dir_all(pkg.join("payload/bin")).unwrap();
+    std::fs::write(pkg.join("payload/bin/run"), text).unwrap();
+    std::fs::write(
+        pkg.join("niso.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"{version}\"\narch = \"{arch}\"\n\
+             description = \"My application\"\n[binary]\nentrypoint = \"bin/run\"\n"
+        ),
+    )
+    .unwrap();
+    let (path, _) =
+        niso::archive::niso::create(&pkg, src.path(), &niso::limits::Limits::default()).unwrap();
+    std::fs::read(path).unwrap()
+}
+
 #[test]
 fn concurrent_uploads_of_one_version_have_exactly_one_winner() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(tmp.path(), &[]);
+    // The same bytes twelve times at once: all succeed, one of them made it.
     let body = fixture("hex", "plug-1.16.0.tar");
-    let statuses: Vec<StatusCode> = std::thread::scope(|scope| {
+    let answers: Vec<(StatusCode, bool)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..12)
             .map(|_| {
                 scope.spawn(|| {
-                    upload(&s, &s.admin, "/v1/packages/plug/1.16.0/any", body.clone()).status()
+                    let r = upload(&s, &s.admin, "/v1/packages/plug/1.16.0/any", body.clone());
+                    (
+                        r.status(),
+                        r.headers().contains_key("x-niso-already-published"),
+                    )
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(
-        statuses
-            .iter()
-            .filter(|s| **s == StatusCode::CREATED)
-            .count(),
-        1,
-        "{statuses:?}"
+    assert!(
+        answers.iter().all(|a| a.0 == StatusCode::CREATED),
+        "{answers:?}"
     );
-    assert_eq!(
-        statuses
-            .iter()
-            .filter(|s| **s == StatusCode::CONFLICT)
-            .count(),
-        11,
-        "{statuses:?}"
+    assert_eq!(answers.iter().filter(|a| !a.1).count(), 1, "{answers:?}");
+    // Two different archives of one version at once: one wins, the other
+    // is refused every time it is sent.
+    let (a, b) = (
+        niso_archive("race", "1.0.0", "x86_64", "a"),
+        niso_archive("race", "1.0.0", "x86_64", "b"),
     );
+    let statuses: Vec<(usize, StatusCode)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let body = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let s = &s;
+                scope.spawn(move || {
+                    (
+                        i % 2,
+                        upload(s, &s.admin, "/v1/packages/race/1.0.0/x86_64", body).status(),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won = statuses[0].1 == StatusCode::CREATED;
+    for (side, status) in &statuses {
+        let expected = if (*side == 0) == won {
+            StatusCode::CREATED
+        } else {
+            StatusCode::CONFLICT
+        };
+        assert_eq!(*status, expected, "{statuses:?}");
+    }
     // Different packages at once all succeed (and share index rewrites).
     let files = hex_fixtures();
     let statuses: Vec<StatusCode> = std::thread::scope(|scope| {

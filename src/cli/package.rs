@@ -1,8 +1,8 @@
 //! `niso package DIR`: make a `.niso` archive.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 
 use super::Outcome;
@@ -40,17 +40,50 @@ pub struct PackageArgs {
     out: PathBuf,
 }
 
+/// The entrypoint is what the runtime executes: without an executable bit
+/// the package would install and then fail to start, so refuse it here.
+/// (A manifest that does not parse is left to `create`, which says why.)
+fn check_entrypoint_is_executable(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(text) = std::fs::read(dir.join(niso::MANIFEST)) else {
+        return Ok(());
+    };
+    let Ok(manifest) = niso::Manifest::parse(&text) else {
+        return Ok(());
+    };
+    let path = dir.join(niso::PAYLOAD).join(&manifest.entrypoint);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 == 0 => bail!(
+            "the entrypoint {} is not executable: run `chmod +x {}` and package again",
+            path.display(),
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 impl PackageArgs {
-    pub fn run(self) -> anyhow::Result<Outcome> {
+    pub fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
+        check_entrypoint_is_executable(&self.dir)?;
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("cannot create {}", self.out.display()))?;
         let (path, manifest) = niso::create(&self.dir, &self.out, &Limits::default())
             .with_context(|| format!("cannot package {}", self.dir.display()))?;
+        if ctx.json {
+            ctx.emit(
+                "packaged",
+                serde_json::json!({
+                    "name": manifest.name.as_str(), "version": manifest.version.as_str(),
+                    "arch": manifest.arch.as_str(), "path": path.display().to_string(),
+                }),
+            );
+            return Ok(Outcome::Success);
+        }
         eprintln!(
             "Packaged {} {} ({})",
             manifest.name, manifest.version, manifest.arch
         );
-        println!("{}", path.display());
+        super::output::line(&path.display().to_string());
         Ok(Outcome::Success)
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use super::Outcome;
 use crate::archive;
 use crate::client::verify::{verify, VerifyOptions};
-use crate::client::{DirTransport, HttpTransport, Transport};
+use crate::client::{HttpTransport, StoreTransport, Transport};
 use crate::datadir::{self, DataDir};
 use crate::ident::RepoName;
 use crate::index::{PublicKey, RepoKey, Signer};
@@ -19,21 +19,47 @@ use crate::store::{LocalStore, Store};
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
+    /// Add a registry to talk to, pinning its repository key.
+    Add(super::registries::AddArgs),
+    /// List the configured registries.
+    List(super::registries::ListArgs),
+    /// Remove a configured registry.
+    Remove(super::registries::RemoveArgs),
+    /// List a package's tags.
+    ListTags(super::tags::ListTagsArgs),
+    /// Create an API key.
+    CreateKey(super::keys::CreateKeyArgs),
+    /// List API keys.
+    ListKeys(super::keys::ListKeysArgs),
+    /// Revoke an API key.
+    RevokeKey(super::keys::RevokeKeyArgs),
+    /// Serve the write API and the static tree on one port.
     Serve(super::serve::ServeArgs),
+    /// Create a registry data directory with a new signing key.
     Init(InitArgs),
+    /// Regenerate every index from the archives in the tree.
     Build(BuildArgs),
+    /// Check a registry tree: signatures, agreement, archives, freshness.
     Verify(VerifyArgs),
+    /// Publish archives into a registry directly, without a server.
     Publish(PublishArgs),
 }
 
 impl RegistryCommand {
-    pub fn run(self) -> anyhow::Result<Outcome> {
+    pub fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         match self {
+            Self::Add(a) => a.run(ctx),
+            Self::List(a) => a.run(ctx),
+            Self::Remove(a) => a.run(ctx),
+            Self::ListTags(a) => a.run(ctx),
+            Self::CreateKey(a) => a.run(ctx),
+            Self::ListKeys(a) => a.run(ctx),
+            Self::RevokeKey(a) => a.run(ctx),
             Self::Serve(a) => a.run(),
-            Self::Init(a) => a.run(),
-            Self::Build(a) => a.run(),
-            Self::Verify(a) => a.run(),
-            Self::Publish(a) => a.run(),
+            Self::Init(a) => a.run(ctx),
+            Self::Build(a) => a.run(ctx),
+            Self::Verify(a) => a.run(ctx),
+            Self::Publish(a) => a.run(ctx),
         }
     }
 }
@@ -49,7 +75,10 @@ Examples:
   $ niso registry init --data-dir /var/lib/niso-registry --name acme
   Created repository acme in /var/lib/niso-registry
   Serve /var/lib/niso-registry/public
-  public key sha256:4f1c…   (clients pin this key: `niso registry add … --public-key`)
+  public key sha256:3f1c…9a0b
+
+The last line (on stdout) is the SHA-256 fingerprint of public_key: give it
+to your users, who compare it when `niso registry add` shows it.
 
   # The tree in a bucket (settings from AWS_ENDPOINT_URL, AWS_REGION,
   # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP):
@@ -73,7 +102,7 @@ pub struct InitArgs {
 }
 
 impl InitArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let dd = super::block_on(DataDir::init(
             &self.data_dir,
             &self.name,
@@ -82,6 +111,19 @@ impl InitArgs {
         ))?
         .with_context(|| format!("cannot create a registry in {}", self.data_dir.display()))?;
         let key = dd.key()?;
+        let fingerprint = key.public_key().fingerprint();
+        if ctx.json {
+            ctx.emit(
+                "initialized",
+                serde_json::json!({
+                    "repository": self.name.as_str(),
+                    "data_dir": self.data_dir.display().to_string(),
+                    "serve": dd.public_dir().display().to_string(),
+                    "key_fingerprint": fingerprint,
+                }),
+            );
+            return Ok(Outcome::Success);
+        }
         eprintln!(
             "Created repository {} in {}",
             self.name,
@@ -91,7 +133,7 @@ impl InitArgs {
             Some(url) => eprintln!("The tree is in {url}"),
             None => eprintln!("Serve {}", dd.public_dir().display()),
         }
-        println!("public key sha256:{}", key.public_key().fingerprint());
+        super::output::line(&format!("public key sha256:{fingerprint}"));
         Ok(Outcome::Success)
     }
 }
@@ -129,11 +171,11 @@ pub struct BuildArgs {
 }
 
 impl BuildArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
-        super::block_on(self.build())?
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
+        super::block_on(self.build(ctx))?
     }
 
-    async fn build(self) -> anyhow::Result<Outcome> {
+    async fn build(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let (store, key, name) = if DataDir::is_data_dir(&self.data_dir) {
             if self.name.is_some() {
                 bail!(
@@ -180,6 +222,17 @@ impl BuildArgs {
             .await
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
             let report = publisher.rebuild().await?;
+            if ctx.json {
+                ctx.emit(
+                    "built",
+                    serde_json::json!({
+                        "repository": repo.as_str(), "packages": report.packages,
+                        "releases": report.releases, "archives": report.artifacts,
+                        "files_written": report.files_written, "files_removed": report.files_removed,
+                    }),
+                );
+                continue;
+            }
             eprintln!(
                 "Built {repo}: {} packages, {} releases, {} archives ({} files written, {} removed)",
                 report.packages, report.releases, report.artifacts, report.files_written, report.files_removed
@@ -191,16 +244,23 @@ impl BuildArgs {
 
 /// Check a registry tree: signatures, agreement, archives, freshness.
 ///
-/// TARGET is a directory (a tree, or a data directory) or an http(s) URL. Every
-/// problem found is printed on its own line; the exit status is 0 when there
-/// are none, 1 when there are, 2 when the check could not run.
+/// TARGET is a directory (a tree, or a data directory, whose configured store
+/// is read), an http(s) URL, or a store URL (s3://BUCKET/PREFIX, settings
+/// from the AWS_* environment variables). Every problem found is printed on
+/// its own line; the exit status is 0 when there are none, 1 when there are,
+/// 2 when the check could not run.
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
 Examples:
   $ niso registry verify /var/lib/niso-registry/public --public-key acme.pub --name acme
-  $ niso registry verify https://registry.example.com --public-key acme.pub --name acme --org team")]
+  $ niso registry verify https://registry.example.com --public-key acme.pub --name acme --org team
+  $ niso registry verify s3://acme-registry/tree --public-key acme.pub --name acme
+
+With --json, one line per problem and per repository:
+  {\"type\":\"problem\",\"repository\":\"acme\",\"prefix\":\"\",\"message\":\"names: …\"}
+  {\"type\":\"summary\",\"repository\":\"acme\",\"packages\":3,\"releases\":5,\"archives\":6,\"problems\":1}")]
 pub struct VerifyArgs {
-    /// Directory or URL of the tree.
+    /// Directory, http(s) URL or store URL of the tree.
     target: String,
     /// The repository's public key (PEM) to verify against.
     #[arg(long)]
@@ -215,25 +275,31 @@ pub struct VerifyArgs {
 }
 
 impl VerifyArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let key = PublicKey::from_file(&self.public_key)?;
-        let is_url = self.target.starts_with("http://") || self.target.starts_with("https://");
-        let local = (!is_url).then(|| {
-            let p = PathBuf::from(&self.target);
-            if DataDir::is_data_dir(&p) {
-                p.join(datadir::PUBLIC_DIR)
-            } else {
-                p
-            }
-        });
-        if let Some(dir) = &local {
+        let rt = super::runtime()?;
+        let is_http = self.target.starts_with("http://") || self.target.starts_with("https://");
+        // A store to read through (a bucket, or a data directory's
+        // configured one); otherwise a directory or HTTP.
+        let store: Option<Arc<dyn Store>> = if self.target.contains("://") && !is_http {
+            Some(crate::store::open(&self.target)?)
+        } else if DataDir::is_data_dir(Path::new(&self.target)) {
+            Some(DataDir::open(Path::new(&self.target))?.store(None)?)
+        } else if !is_http {
+            let dir = PathBuf::from(&self.target);
             if !dir.is_dir() {
-                bail!("{} is not a directory or an http(s) URL", dir.display());
+                bail!(
+                    "{} is not a directory, an http(s) URL or a store URL",
+                    dir.display()
+                );
             }
-        }
+            Some(Arc::new(LocalStore::new(dir)))
+        } else {
+            None
+        };
         let mut repos = vec![(self.name.clone(), Layout::root())];
-        let orgs = match &local {
-            Some(dir) => super::block_on(datadir::organizations(&LocalStore::new(dir)))??,
+        let orgs = match &store {
+            Some(s) => rt.block_on(datadir::organizations(s.as_ref()))?,
             None => self.orgs.clone(),
         };
         repos.extend(orgs.into_iter().map(|o| {
@@ -242,15 +308,20 @@ impl VerifyArgs {
         }));
         let mut total = 0;
         for (repo, layout) in repos {
-            let (transport, listing): (Box<dyn Transport>, Option<Vec<String>>) = match &local {
-                Some(dir) => {
-                    let root = dir.join(layout.prefix());
-                    let listing = super::block_on(LocalStore::new(&root).list(""))??
+            let (transport, listing): (Box<dyn Transport>, Option<Vec<String>>) = match &store {
+                Some(s) => {
+                    let prefix = match layout.prefix() {
+                        "" => String::new(),
+                        p => format!("{p}/"),
+                    };
+                    let listing = rt
+                        .block_on(s.list(layout.prefix()))?
                         .into_iter()
-                        .map(|p| p.to_string())
+                        .filter_map(|p| p.as_str().strip_prefix(&prefix).map(str::to_string))
                         .filter(|p| !p.starts_with("repos/"))
                         .collect();
-                    (Box::new(DirTransport::new(root)), Some(listing))
+                    let t = StoreTransport::new(s.clone(), layout.prefix(), rt.handle().clone());
+                    (Box::new(t), Some(listing))
                 }
                 None => {
                     let base = format!("{}/{}", self.target.trim_end_matches('/'), layout.prefix());
@@ -270,17 +341,43 @@ impl VerifyArgs {
                     listing,
                 },
             );
+            // Problems name a place in the tree (`names: …`, `my-app 1.0.0
+            // (x86_64): …`), under `repos/ORG/` for an organization; never
+            // the repository name alone, which would read like the `niso:`
+            // error prefix.
+            let place = match layout.prefix() {
+                "" => String::new(),
+                p => format!("{p}/"),
+            };
             for p in &report.problems {
-                println!("{repo}: {p}");
+                if ctx.json {
+                    ctx.emit(
+                        "problem",
+                        serde_json::json!({ "repository": repo.as_str(), "prefix": layout.prefix(), "message": p }),
+                    );
+                } else {
+                    super::output::line(&format!("{place}{p}"));
+                }
             }
             total += report.problems.len();
-            eprintln!(
-                "{repo}: {} packages, {} releases, {} archives checked, {} problems",
-                report.packages,
-                report.releases,
-                report.artifacts,
-                report.problems.len()
-            );
+            if ctx.json {
+                ctx.emit(
+                    "summary",
+                    serde_json::json!({
+                        "repository": repo.as_str(), "packages": report.packages,
+                        "releases": report.releases, "archives": report.artifacts,
+                        "problems": report.problems.len(),
+                    }),
+                );
+            } else {
+                eprintln!(
+                    "Repository {repo}: {} packages, {} releases, {} archives checked, {} problems",
+                    report.packages,
+                    report.releases,
+                    report.artifacts,
+                    report.problems.len(),
+                );
+            }
         }
         Ok(if total == 0 {
             Outcome::Success
@@ -304,7 +401,7 @@ impl VerifyArgs {
 Example:
   $ niso registry publish --data-dir /var/lib/niso-registry my-app-1.1.0-x86_64.niso phoenix-1.7.0.tar")]
 pub struct PublishArgs {
-    /// The registry's data directory (made by `niso registry init`).
+    /// The registry's data directory (made by `registry init` or `serve`).
     #[arg(long)]
     data_dir: PathBuf,
     /// The store holding the tree, instead of the data directory's
@@ -320,11 +417,11 @@ pub struct PublishArgs {
 }
 
 impl PublishArgs {
-    fn run(self) -> anyhow::Result<Outcome> {
-        super::block_on(self.publish())?
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
+        super::block_on(self.publish(ctx))?
     }
 
-    async fn publish(self) -> anyhow::Result<Outcome> {
+    async fn publish(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let dd = DataDir::open(&self.data_dir)?;
         let layout = match &self.org {
             Some(org) => Layout::organization(org),
@@ -343,6 +440,13 @@ impl PublishArgs {
         let mut failed = 0;
         for path in &self.archives {
             match publish_file(&dd, &publisher, path, &limits).await {
+                Ok(p) if ctx.json => ctx.emit(
+                    "published",
+                    serde_json::json!({
+                        "name": p.name.as_str(), "version": p.version.as_str(),
+                        "arch": p.arch.as_str(), "size": p.size, "created": p.created,
+                    }),
+                ),
                 Ok(p) if p.created => eprintln!(
                     "Published {} {} ({}) — {} bytes",
                     p.name, p.version, p.arch, p.size
@@ -353,7 +457,7 @@ impl PublishArgs {
                 ),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("niso: {}: {e:#}", path.display());
+                    eprintln!("niso: {}: {}", path.display(), super::error_text(&e));
                 }
             }
         }

@@ -71,6 +71,9 @@ impl Transport for DirTransport {
 pub struct HttpTransport {
     base: String,
     client: reqwest::blocking::Client,
+    /// Sent as `Authorization: Bearer …` (organization repositories are
+    /// readable with a `pull:` key only).
+    bearer: Option<String>,
 }
 
 impl HttpTransport {
@@ -87,7 +90,15 @@ impl HttpTransport {
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             client,
+            bearer: None,
         })
+    }
+
+    /// The same, sending `key` with every request.
+    pub fn with_key(base: &str, key: Option<&str>) -> Result<Self, TransportError> {
+        let mut t = Self::new(base)?;
+        t.bearer = key.map(str::to_string);
+        Ok(t)
     }
 }
 
@@ -104,13 +115,24 @@ impl Transport for HttpTransport {
             location: location.clone(),
             reason,
         };
-        let resp = self
-            .client
-            .get(&location)
-            .send()
-            .map_err(|e| other(e.to_string()))?;
+        let mut req = self.client.get(&location);
+        if let Some(k) = &self.bearer {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().map_err(|e| other(error_chain(&e)))?;
         match resp.status() {
             s if s.is_success() => {}
+            reqwest::StatusCode::UNAUTHORIZED => {
+                return Err(other(
+                    "HTTP 401: this registry wants an API key to read this; log in with `niso login URL --key KEY` or set NISO_KEY".into(),
+                ))
+            }
+            reqwest::StatusCode::FORBIDDEN if self.bearer.is_some() => {
+                return Err(other(
+                    "HTTP 403: the API key may not read this (it needs a matching pull: scope)"
+                        .into(),
+                ))
+            }
             reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::FORBIDDEN => {
                 // S3 answers 403 for a missing key when listing is not allowed.
                 return Err(TransportError::NotFound { location });
@@ -123,6 +145,22 @@ impl Transport for HttpTransport {
     fn location(&self, path: &str) -> String {
         format!("{}/{path}", self.base)
     }
+}
+
+/// reqwest's own message ("error sending request") hides the cause
+/// (connection refused, DNS); show the whole chain once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 fn copy_limited(

@@ -112,7 +112,55 @@ impl Verifier<'_> {
         }
     }
 
+    /// Whether the tree can be read at all with the key and repository name
+    /// given. When `names` does not verify with the key, or names another
+    /// repository, every other index fails the same way and every file then
+    /// looks unreferenced: report that one cause and stop.
+    fn root_cause(&mut self) -> bool {
+        let Ok(bytes) = self.t.fetch(layout::NAMES, self.o.limits.max_index) else {
+            // A missing or unreadable `names` is reported by the full run.
+            return true;
+        };
+        let served = self
+            .t
+            .fetch(layout::PUBLIC_KEY, 1 << 20)
+            .ok()
+            .and_then(|b| PublicKey::from_pem(&b, layout::PUBLIC_KEY).ok());
+        match decode_index::<pb::Names>(
+            &bytes,
+            &self.o.public_key,
+            &self.o.repository,
+            self.o.limits.max_index,
+        ) {
+            Err(CodecError::Signature(_)) => {
+                let served = match served {
+                    Some(k) if k != self.o.public_key => {
+                        format!("; the tree's public_key is sha256:{}", k.fingerprint())
+                    }
+                    _ => String::new(),
+                };
+                self.problem(format!(
+                    "{}: the signature does not verify with the key given (sha256:{}){served}: check --public-key. Nothing else was checked",
+                    layout::NAMES,
+                    self.o.public_key.fingerprint()
+                ));
+                false
+            }
+            Err(CodecError::Repository { expected, found }) => {
+                self.problem(format!(
+                    "{}: the tree is repository {found:?}, not {expected:?}: check --name. Nothing else was checked",
+                    layout::NAMES
+                ));
+                false
+            }
+            _ => true,
+        }
+    }
+
     fn run(&mut self) {
+        if !self.root_cause() {
+            return;
+        }
         if let Some(bytes) = self.fetch(layout::PUBLIC_KEY) {
             match PublicKey::from_pem(&bytes, layout::PUBLIC_KEY) {
                 Ok(k) if k == self.o.public_key => {}

@@ -211,6 +211,9 @@ struct Model {
     /// Digest of each global file and bin as last written or read.
     written: HashMap<String, Digest256>,
     generation: u64,
+    /// What the freshness record in the tree lists (`None`: none, or not
+    /// readable).
+    fresh_files: Option<BTreeMap<String, Digest256>>,
     /// A write failed half way: the tree must be reconciled before the next
     /// change.
     dirty: bool,
@@ -436,9 +439,11 @@ impl Publisher {
             }
         }
         let fresh_path = self.layout.path(layout::FRESHNESS)?;
+        model.fresh_files = None;
         if let Some(o) = self.store.get(&fresh_path).await? {
             let f: pb::Freshness = self.decode(&fresh_path, &o.bytes)?;
             model.generation = model.generation.max(f.generation);
+            model.fresh_files = Some(fresh_listing(&f));
         }
         Ok(())
     }
@@ -978,12 +983,7 @@ impl Publisher {
         }
 
         // Stage 2: each package's indexes and v1 files.
-        let rendered: Vec<(
-            String,
-            pb::Package,
-            Vec<FileOut>,
-            BTreeMap<String, Digest256>,
-        )> = cpu(|| {
+        let rendered: Vec<Rendered> = cpu(|| {
             changes
                 .par_iter()
                 .map(|(name, pkg)| {
@@ -1018,7 +1018,8 @@ impl Publisher {
                 },
             );
         }
-        self.write_globals(model, &mut next, plan.refresh).await?;
+        self.write_globals(model, &mut next, plan.refresh, true)
+            .await?;
 
         // Stage 7: what no index names any more.
         for path in plan.removals.iter().chain(&stale) {
@@ -1120,12 +1121,15 @@ impl Publisher {
 
     /// Renders and writes `versions`, `names`, the v1 list, the bins that
     /// changed and the freshness record, each conditional on the version
-    /// last seen; then makes `next` the model.
+    /// last seen; then makes `next` the model. `refresh`: every bin is
+    /// rendered again. Unless `sign` (a change was made), the record is
+    /// written only when what it lists differs from the tree's.
     async fn write_globals(
         &self,
         model: &mut Model,
         next: &mut ModelUpdate,
         refresh: bool,
+        sign: bool,
     ) -> Result<(), WriteError> {
         let rows: render::RowChanges = next
             .packages
@@ -1210,6 +1214,18 @@ impl Publisher {
                 top.insert(rel.clone(), Digest256::of(bytes));
             }
         }
+        let changed = files
+            .iter()
+            .any(|(rel, bytes)| model.written.get(rel) != Some(&Digest256::of(bytes)))
+            || !next.removed_bins.is_empty();
+        if !sign && !changed && model.fresh_files.as_ref() == Some(&top) {
+            // Nothing to say that the record does not say already.
+            model.rows.apply(rows, regrouped);
+            for (name, entry) in std::mem::take(&mut next.packages) {
+                model.packages.insert(name, entry);
+            }
+            return Ok(());
+        }
         let now = (self.clock)();
         let generation = model.generation + 1;
         let fresh = cpu(|| {
@@ -1261,9 +1277,35 @@ impl Publisher {
             model.written.insert(rel, d);
         }
         model.generation = generation;
+        model.fresh_files = Some(top);
         Ok(())
     }
 }
+
+/// What a freshness record lists, by path.
+fn fresh_listing(f: &pb::Freshness) -> BTreeMap<String, Digest256> {
+    f.files
+        .iter()
+        .filter_map(|d| {
+            Some((
+                d.path.clone(),
+                Digest256 {
+                    sha256: d.sha256.clone().try_into().ok()?,
+                    length: d.length,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// One package rendered: its name and index, its files, the digests of its
+/// indexes.
+type Rendered = (
+    String,
+    pb::Package,
+    Vec<FileOut>,
+    BTreeMap<String, Digest256>,
+);
 
 /// The packages a change gives new content, with their new versions.
 #[derive(Default)]

@@ -23,6 +23,9 @@ use rayon::prelude::*;
 use super::render::{self, Content, FileOut};
 use super::*;
 
+/// An archive's facts and modification time, or why it cannot be read.
+type Inspected = Result<(ArchiveInfo, i64), PublishError>;
+
 /// How often a reconcile starts again when another writer changes a
 /// package meanwhile.
 const RECONCILE_ATTEMPTS: usize = 8;
@@ -149,7 +152,7 @@ impl Publisher {
         let to_read: Vec<TreePath> = archives
             .iter()
             .filter(|p| rebuild || !named.contains_key(*p))
-            .filter(|p| !(named.get(*p).is_none() && tombstoned.contains_key(*p)))
+            .filter(|p| named.contains_key(*p) || !tombstoned.contains_key(*p))
             .cloned()
             .collect();
         // Cut-off deletes: the archive of a tombstoned version.
@@ -168,7 +171,7 @@ impl Publisher {
                 (path, r)
             })
             .collect();
-        let inspected: Vec<(TreePath, Result<(ArchiveInfo, i64), PublishError>)> = all(futs).await;
+        let inspected: Vec<(TreePath, Inspected)> = all(futs).await;
 
         let mut problems = Vec::new();
         if rebuild {
@@ -338,7 +341,14 @@ impl Publisher {
             }
         }
         let before = model.written.clone();
-        self.write_globals(model, &mut next, true).await?;
+        let wrote = report.files_written > 0
+            || report.files_removed > 0
+            || !report.adopted.is_empty()
+            || !report.discarded.is_empty();
+        // `build` re-signs the record (a new expiry); recovery only when it
+        // changed something.
+        self.write_globals(model, &mut next, true, wrote || rebuild)
+            .await?;
         report.files_written += model
             .written
             .iter()

@@ -145,7 +145,12 @@ async fn send_file(app: &AppState, target: &Target, headers: &HeaderMap) -> ApiR
     if let Some(modified) = meta.last_modified {
         builder = builder.header(header::LAST_MODIFIED, httpdate(modified));
     }
-    let disposition = match meta.attributes.and_then(|a| a.content_disposition) {
+    // The object's own (a bucket keeps them), else the layout's rule (an
+    // archive's name), else the index's (a download's name).
+    let attributes = meta
+        .attributes
+        .unwrap_or_else(|| layout::attributes(path.as_str(), None));
+    let disposition = match attributes.content_disposition {
         Some(d) => Some(d),
         None => content_disposition(app, target).await,
     };

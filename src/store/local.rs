@@ -10,9 +10,9 @@
 //! Versions are `INODE-MTIME_NS-SIZE`: a rename gives a path a new inode, so
 //! every replacement is a new version. A conditional put ([`PutMode::Update`])
 //! compares the path's current version with the expected one and renames
-//! under an exclusive `flock` of `ROOT/.niso-lock`, which every process that
-//! writes the tree takes for the same few microseconds; that is what lets
-//! `build` run beside `serve`.
+//! under an exclusive `flock` of the tree's root directory, which every
+//! process that writes the tree takes for the same few microseconds; that is
+//! what lets `build` run beside `serve`.
 //!
 //! Every file this process writes gets a modification time later than any
 //! it wrote before (a nanosecond later when the clock has not moved): a file
@@ -39,8 +39,6 @@ use super::{
     TreePath,
 };
 
-/// The lock file conditional puts hold, at the root of the tree.
-const LOCK_FILE: &str = ".niso-lock";
 const TEMP_PREFIX: &str = ".tmp-";
 
 #[derive(Debug, Clone)]
@@ -125,12 +123,13 @@ fn version_of(meta: &fs::Metadata) -> ObjectVersion {
     }
 }
 
-fn meta_of(path: &TreePath, meta: &fs::Metadata) -> ObjectMeta {
+fn meta_of(meta: &fs::Metadata) -> ObjectMeta {
     ObjectMeta {
         size: meta.len(),
         version: version_of(meta),
         last_modified: meta.modified().ok(),
-        attributes: Some(crate::index::layout::attributes(path.as_str(), None)),
+        // A file keeps no headers: readers derive them from the path.
+        attributes: None,
     }
 }
 
@@ -204,14 +203,10 @@ impl Inner {
         self.root.join(path.as_str())
     }
 
+    /// Locks the root directory itself: no lock file in the tree.
     fn lock_tree(&self) -> Result<TreeLock, StoreError> {
-        let path = self.root.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
+        let path = self.root.clone();
+        let file = File::open(&path).map_err(io_err("open", &path))?;
         #[cfg(unix)]
         {
             use std::os::unix::io::AsRawFd;
@@ -608,7 +603,7 @@ impl Store for LocalStore {
             file.read_to_end(&mut bytes)
                 .map_err(io_err("read", &full))?;
             Ok(Some(Object {
-                meta: meta_of(&path, &meta),
+                meta: meta_of(&meta),
                 bytes: Bytes::from(bytes),
             }))
         })
@@ -639,12 +634,12 @@ impl Store for LocalStore {
                         source,
                     })
                 });
-        Ok(Some((meta_of(path, &meta), Box::pin(stream))))
+        Ok(Some((meta_of(&meta), Box::pin(stream))))
     }
 
     async fn head(&self, path: &TreePath) -> Result<Option<ObjectMeta>, StoreError> {
         let path = path.clone();
-        self.blocking(move |s| Ok(stat(&s.full(&path))?.map(|m| meta_of(&path, &m))))
+        self.blocking(move |s| Ok(stat(&s.full(&path))?.map(|m| meta_of(&m))))
             .await
     }
 

@@ -199,3 +199,44 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// A minimal, valid Hex tarball (format 3) of `name` `version`, made here
+/// rather than by hex_core so a test can make thousands.
+pub fn hex_tarball(name: &str, version: &str) -> Vec<u8> {
+    use sha2::Digest;
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, path, *data).expect("tar in memory");
+        }
+        b.into_inner().expect("tar in memory")
+    }
+    let contents = {
+        let inner = tar_of(&[("lib/x.ex", b"defmodule X do\nend\n")]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &inner).expect("gzip in memory");
+        gz.finish().expect("gzip in memory")
+    };
+    let metadata = format!(
+        "{{<<\"name\">>,<<\"{name}\">>}}.\n{{<<\"version\">>,<<\"{version}\">>}}.\n\
+         {{<<\"description\">>,<<\"A test package\">>}}.\n{{<<\"app\">>,<<\"{name}\">>}}.\n\
+         {{<<\"build_tools\">>,[<<\"mix\">>]}}.\n{{<<\"requirements\">>,[]}}.\n\
+         {{<<\"files\">>,[<<\"lib/x.ex\">>]}}.\n{{<<\"licenses\">>,[<<\"MIT\">>]}}.\n"
+    );
+    let mut h = sha2::Sha256::new();
+    h.update(b"3");
+    h.update(metadata.as_bytes());
+    h.update(&contents);
+    let checksum = hex::encode_upper(h.finalize());
+    tar_of(&[
+        ("VERSION", b"3"),
+        ("CHECKSUM", checksum.as_bytes()),
+        ("metadata.config", metadata.as_bytes()),
+        ("contents.tar.gz", &contents),
+    ])
+}

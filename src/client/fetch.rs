@@ -1,0 +1,615 @@
+//! The read path of `pull`, `search`, `list-tags` and `push`'s "already
+//! published?" check: fetch from a registry's static tree and verify
+//! everything against the pinned key before anything is used.
+//!
+//! Every read starts with the signed `freshness` record (see
+//! [`super::freshness`]), then a package's index through its freshness bin,
+//! then (for a pull) the archive against the index. Any static host serves
+//! these files: `niso registry serve`, nginx, S3, `python3 -m http.server`.
+
+use std::io::Write;
+
+use sha2::{Digest, Sha256};
+
+use super::freshness::{self, Allow, Fresh, FreshnessError};
+use super::transport::{Transport, TransportError};
+use crate::archive;
+use crate::ident::{Arch, PackageName, RepoName, TagName, Version};
+use crate::index::codec::{decode_index, CodecError};
+use crate::index::json;
+use crate::index::keys::KeyError;
+use crate::index::layout::{self, Layout};
+use crate::index::{pb, PublicKey};
+use crate::limits::Limits;
+
+/// Where a package's signed index lives, relative to its repository's root.
+///
+/// The one place that knows it: niso's own index of every release,
+/// `niso/packages/NAME` (Hex's `packages/NAME` lists only the releases with
+/// a Hex tarball).
+pub fn package_index_path(name: &PackageName) -> String {
+    format!("{}/{name}", layout::NISO_PACKAGES_DIR)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("{0}")]
+    Freshness(#[from] FreshnessError),
+    #[error("{path}: the signature does not verify with the key pinned for this registry (sha256:{fingerprint}): the file was tampered with, or the registry now signs with another key. If its operator confirms a new key, add the registry again with `niso registry add` to pin it")]
+    Signature { path: String, fingerprint: String },
+    #[error("{path}: {source}")]
+    Index { path: String, source: CodecError },
+    #[error("{location}: this is not a niso registry, or not the root of one (no signed freshness record); check the URL")]
+    NotARegistry { location: String },
+    #[error("{location}: no organization repository {org} here (nothing was ever published into it, or your API key may not see it)")]
+    NoOrganization { location: String, org: String },
+    #[error("no package {name} in repository {repository}; try `niso search {name}`")]
+    NoPackage { name: String, repository: String },
+    #[error("{path}: names package {found:?}, not {expected:?}")]
+    WrongPackage {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{path}: {size} bytes, but the signed index says {expected}: refusing it")]
+    ArchiveSize {
+        path: String,
+        size: u64,
+        expected: u64,
+    },
+    #[error("{path}: larger than the {expected} bytes the signed index says: refusing it")]
+    ArchiveTooLarge { path: String, expected: u64 },
+    #[error("{path}: SHA-256 {found}, but the signed index says {expected}: the archive was tampered with or corrupted; refusing it")]
+    ArchiveDigest {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{path}: {reason}; refusing it")]
+    ArchiveContent { path: String, reason: String },
+    #[error("cannot write the download: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One repository of a registry (the root one, or an organization's
+/// `repos/ORG/`), read through a transport rooted at it.
+pub struct RepoReader {
+    transport: Box<dyn Transport>,
+    key: PublicKey,
+    repository: String,
+    /// Path of this repository's freshness record from the registry's root:
+    /// what the client's state remembers generations by.
+    freshness_path: String,
+    org: Option<RepoName>,
+    limits: Limits,
+}
+
+impl RepoReader {
+    /// `transport` must be rooted at the repository (`URL/` or
+    /// `URL/repos/ORG/`); `org` says which.
+    pub fn new(
+        transport: Box<dyn Transport>,
+        key: PublicKey,
+        repository: &RepoName,
+        org: Option<&RepoName>,
+    ) -> Self {
+        let prefix = org.map(Layout::organization).unwrap_or_else(Layout::root);
+        Self {
+            transport,
+            key,
+            repository: repository.to_string(),
+            freshness_path: prefix.dir(layout::FRESHNESS),
+            org: org.cloned(),
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn freshness_path(&self) -> &str {
+        &self.freshness_path
+    }
+
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    fn index_error(&self, path: &str, source: CodecError) -> ReadError {
+        match source {
+            CodecError::Signature(KeyError::BadSignature) => ReadError::Signature {
+                path: self.transport.location(path),
+                fingerprint: self.key.fingerprint(),
+            },
+            source => ReadError::Index {
+                path: self.transport.location(path),
+                source,
+            },
+        }
+    }
+
+    /// Fetches and verifies the freshness record: signature, repository,
+    /// no rollback below `seen`, not expired (unless allowed).
+    pub fn fresh(&self, now: i64, seen: Option<u64>, allow: Allow) -> Result<Fresh, ReadError> {
+        let bytes = match self
+            .transport
+            .fetch(layout::FRESHNESS, self.limits.max_index)
+        {
+            Ok(b) => b,
+            Err(TransportError::NotFound { location }) => {
+                return Err(match &self.org {
+                    Some(org) => ReadError::NoOrganization {
+                        location,
+                        org: org.to_string(),
+                    },
+                    None => ReadError::NotARegistry { location },
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        freshness::check_record(
+            &bytes,
+            &self.key,
+            &self.repository,
+            now,
+            seen,
+            allow,
+            self.limits.max_index,
+        )
+        .map_err(|e| match e {
+            FreshnessError::Index { path, source } => self.index_error(&path, source),
+            e => e.into(),
+        })
+    }
+
+    /// The verified index of package `name`, or `None` when the signed
+    /// record says there is no such package.
+    pub fn package(
+        &self,
+        fresh: &Fresh,
+        name: &PackageName,
+    ) -> Result<Option<pb::Package>, ReadError> {
+        let bin_path = freshness::bin_path(name.as_str());
+        // A bin that holds no package is not in the record at all.
+        if !fresh.lists(&bin_path) {
+            return Ok(None);
+        }
+        let bin_bytes = self.transport.fetch(&bin_path, self.limits.max_index)?;
+        let bin = fresh.check_bin(&bin_path, &bin_bytes)?;
+        let path = package_index_path(name);
+        if !bin.lists(&path) {
+            return Ok(None);
+        }
+        let bytes = self.transport.fetch(&path, self.limits.max_index)?;
+        bin.check_index(&path, &bytes)?;
+        let pkg: pb::Package =
+            decode_index(&bytes, &self.key, &self.repository, self.limits.max_index)
+                .map_err(|e| self.index_error(&path, e))?;
+        if pkg.name != name.as_str() {
+            return Err(ReadError::WrongPackage {
+                path: self.transport.location(&path),
+                found: pkg.name,
+                expected: name.to_string(),
+            });
+        }
+        Ok(Some(pkg))
+    }
+
+    /// Like [`Self::package`], but a missing package is an error.
+    pub fn require_package(
+        &self,
+        fresh: &Fresh,
+        name: &PackageName,
+    ) -> Result<pb::Package, ReadError> {
+        self.package(fresh, name)?
+            .ok_or_else(|| ReadError::NoPackage {
+                name: name.to_string(),
+                repository: self.repository.clone(),
+            })
+    }
+
+    /// The static package list (`v1/packages/index.json`). It is not signed:
+    /// use it only to find candidates, and read what is shown of each from
+    /// its verified index.
+    pub fn package_list(&self) -> Result<json::PackageList, ReadError> {
+        let bytes = self
+            .transport
+            .fetch(layout::V1_INDEX, self.limits.max_index)?;
+        serde_json::from_slice(&bytes).map_err(|e| ReadError::ArchiveContent {
+            path: self.transport.location(layout::V1_INDEX),
+            reason: format!("not a package list: {e}"),
+        })
+    }
+
+    /// Downloads an artifact into `out`, checking its size and SHA-256
+    /// against the signed index as it streams (at most `size` bytes are
+    /// read), then its contents (name, version and arch) with the archive
+    /// reader. `out` must be a fresh, empty file.
+    pub fn download(
+        &self,
+        pkg: &pb::Package,
+        release: &pb::Release,
+        artifact: &pb::Artifact,
+        out: &mut std::fs::File,
+    ) -> Result<(), ReadError> {
+        use std::io::Seek;
+        let location = self.transport.location(&artifact.path);
+        let (n, digest) = {
+            let mut file: &std::fs::File = out;
+            let mut hashing = HashingWriter {
+                inner: std::io::BufWriter::new(&mut file),
+                hasher: Sha256::new(),
+            };
+            let n = match self
+                .transport
+                .fetch_to(&artifact.path, &mut hashing, artifact.size)
+            {
+                Ok(n) => n,
+                Err(TransportError::TooLarge { .. }) => {
+                    return Err(ReadError::ArchiveTooLarge {
+                        path: location,
+                        expected: artifact.size,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
+            hashing.inner.flush()?;
+            (n, hashing.hasher.finalize())
+        };
+        check_artifact_bytes(&location, artifact, n, digest.as_slice())?;
+        out.rewind()?;
+        let info =
+            archive::inspect(std::io::BufReader::new(&mut *out), &self.limits).map_err(|e| {
+                ReadError::ArchiveContent {
+                    path: location.clone(),
+                    reason: format!("not a valid archive: {e}"),
+                }
+            })?;
+        if info.name.as_str() != pkg.name
+            || info.version.as_str() != release.version
+            || info.arch.as_str() != artifact.arch
+        {
+            return Err(ReadError::ArchiveContent {
+                path: location,
+                reason: format!(
+                    "it holds {} {} ({}), the signed index says {} {} ({})",
+                    info.name, info.version, info.arch, pkg.name, release.version, artifact.arch
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Size and digest of downloaded bytes against the signed index (`n` is
+/// at most `artifact.size`; the transport stops one byte past it).
+pub fn check_artifact_bytes(
+    location: &str,
+    artifact: &pb::Artifact,
+    n: u64,
+    sha256: &[u8],
+) -> Result<(), ReadError> {
+    if n != artifact.size {
+        return Err(ReadError::ArchiveSize {
+            path: location.to_string(),
+            size: n,
+            expected: artifact.size,
+        });
+    }
+    if sha256 != artifact.sha256.as_slice() {
+        return Err(ReadError::ArchiveDigest {
+            path: location.to_string(),
+            found: hex::encode(sha256),
+            expected: hex::encode(&artifact.sha256),
+        });
+    }
+    Ok(())
+}
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// What a user asked to pull: `NAME`, `NAME:VERSION` or `NAME:TAG`, the
+/// name possibly `ORG/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageRef {
+    pub org: Option<RepoName>,
+    pub name: PackageName,
+    pub want: Want,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    Latest,
+    Version(Version),
+    Tag(TagName),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefError {
+    #[error(
+        "{text:?}: {reason} (expected NAME, NAME:VERSION or NAME:TAG, NAME possibly ORG/NAME)"
+    )]
+    Syntax { text: String, reason: String },
+}
+
+impl std::str::FromStr for PackageRef {
+    type Err = RefError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: String| RefError::Syntax {
+            text: text.to_string(),
+            reason,
+        };
+        let (path, want) = match text.split_once(':') {
+            Some((p, w)) => (p, Some(w)),
+            None => (text, None),
+        };
+        let (org, name) = match path.split_once('/') {
+            Some((o, n)) => (Some(RepoName::new(o).map_err(|e| bad(e.to_string()))?), n),
+            None => (None, path),
+        };
+        let name = PackageName::new(name).map_err(|e| bad(e.to_string()))?;
+        // Versions start with a digit, tags with a letter: never ambiguous.
+        let want = match want {
+            None => Want::Latest,
+            Some(w) if w.starts_with(|c: char| c.is_ascii_digit()) => {
+                Want::Version(Version::new(w).map_err(|e| bad(e.to_string()))?)
+            }
+            Some(w) => Want::Tag(TagName::new(w).map_err(|e| bad(e.to_string()))?),
+        };
+        Ok(Self { org, name, want })
+    }
+}
+
+impl std::fmt::Display for PackageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(o) = &self.org {
+            write!(f, "{o}/")?;
+        }
+        write!(f, "{}", self.name)?;
+        match &self.want {
+            Want::Latest => Ok(()),
+            Want::Version(v) => write!(f, ":{v}"),
+            Want::Tag(t) => write!(f, ":{t}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{name} has no version {version} (versions: {available}); see `niso registry list-tags {name}` for its tags")]
+    NoVersion {
+        name: String,
+        version: String,
+        available: String,
+    },
+    #[error("{name} has no tag {tag} (tags: {available}); see `niso registry list-tags {name}`")]
+    NoTag {
+        name: String,
+        tag: String,
+        available: String,
+    },
+    #[error("{name} {version} has no artifact for {arch} (arches: {available}); pass --arch ARCH")]
+    NoArch {
+        name: String,
+        version: String,
+        arch: String,
+        available: String,
+    },
+    #[error("{name} has no release for {arch}; pass --arch ARCH, or name a version")]
+    NoRelease { name: String, arch: String },
+}
+
+/// The release and artifact a pull takes.
+#[derive(Debug)]
+pub struct Resolved<'a> {
+    pub release: &'a pb::Release,
+    pub artifact: &'a pb::Artifact,
+}
+
+fn semver_of(r: &pb::Release) -> Option<semver::Version> {
+    semver::Version::parse(&r.version).ok()
+}
+
+/// An artifact of `r` for `arch`, or its arch-independent one (`any`, a
+/// Hex tarball).
+fn artifact_for<'a>(r: &'a pb::Release, arch: &Arch) -> Option<&'a pb::Artifact> {
+    r.artifacts
+        .iter()
+        .find(|a| a.arch == arch.as_str())
+        .or_else(|| r.artifacts.iter().find(|a| a.arch == Arch::ANY))
+}
+
+fn list(items: impl Iterator<Item = String>) -> String {
+    let v: Vec<String> = items.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Picks the release and artifact: the version named, the version a tag
+/// (from the signed index) points at, or the newest stable release with an
+/// artifact for `arch` (retired releases skipped; pre-releases only when
+/// there is no stable one).
+pub fn resolve<'a>(
+    pkg: &'a pb::Package,
+    want: &Want,
+    arch: &Arch,
+) -> Result<Resolved<'a>, ResolveError> {
+    let by_version = |v: &str| pkg.releases.iter().find(|r| r.version == v);
+    let release = match want {
+        Want::Version(v) => by_version(v.as_str()).ok_or_else(|| ResolveError::NoVersion {
+            name: pkg.name.clone(),
+            version: v.to_string(),
+            available: list(pkg.releases.iter().map(|r| r.version.clone())),
+        })?,
+        Want::Tag(t) => {
+            let tag = pkg
+                .tags
+                .iter()
+                .find(|x| x.tag == t.as_str())
+                .ok_or_else(|| ResolveError::NoTag {
+                    name: pkg.name.clone(),
+                    tag: t.to_string(),
+                    available: list(pkg.tags.iter().map(|x| x.tag.clone())),
+                })?;
+            by_version(&tag.version).ok_or_else(|| ResolveError::NoVersion {
+                name: pkg.name.clone(),
+                version: tag.version.clone(),
+                available: list(pkg.releases.iter().map(|r| r.version.clone())),
+            })?
+        }
+        Want::Latest => {
+            let candidates = pkg
+                .releases
+                .iter()
+                .filter(|r| r.retired.is_none() && artifact_for(r, arch).is_some())
+                .filter_map(|r| semver_of(r).map(|v| (v, r)));
+            let (stable, pre): (Vec<_>, Vec<_>) = candidates.partition(|(v, _)| v.pre.is_empty());
+            let pick = |v: Vec<(semver::Version, &'a pb::Release)>| {
+                v.into_iter().max_by(|a, b| a.0.cmp(&b.0)).map(|(_, r)| r)
+            };
+            pick(stable)
+                .or_else(|| pick(pre))
+                .ok_or_else(|| ResolveError::NoRelease {
+                    name: pkg.name.clone(),
+                    arch: arch.to_string(),
+                })?
+        }
+    };
+    let artifact = artifact_for(release, arch).ok_or_else(|| ResolveError::NoArch {
+        name: pkg.name.clone(),
+        version: release.version.clone(),
+        arch: arch.to_string(),
+        available: list(release.artifacts.iter().map(|a| a.arch.clone())),
+    })?;
+    Ok(Resolved { release, artifact })
+}
+
+/// The newest stable version of a package (any arch), as search shows it.
+pub fn latest_version(pkg: &pb::Package) -> Option<String> {
+    let all: Vec<(semver::Version, &pb::Release)> = pkg
+        .releases
+        .iter()
+        .filter(|r| !r.artifacts.is_empty())
+        .filter_map(|r| semver_of(r).map(|v| (v, r)))
+        .collect();
+    let best = |stable: bool| {
+        all.iter()
+            .filter(|(v, _)| !stable || v.pre.is_empty())
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, r)| r.version.clone())
+    };
+    best(true).or_else(|| best(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release(v: &str, arches: &[&str]) -> pb::Release {
+        pb::Release {
+            version: v.into(),
+            artifacts: arches
+                .iter()
+                .map(|a| pb::Artifact {
+                    arch: (*a).into(),
+                    path: format!("archives/p-{v}-{a}.niso"),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn pkg() -> pb::Package {
+        let mut retired = release("1.3.0", &["x86_64"]);
+        retired.retired = Some(pb::RetirementStatus::default());
+        pb::Package {
+            name: "p".into(),
+            releases: vec![
+                release("1.0.0", &["x86_64", "aarch64"]),
+                release("1.2.0", &["aarch64"]),
+                release("1.10.0", &["x86_64"]),
+                retired,
+                release("2.0.0-rc.1", &["x86_64"]),
+            ],
+            tags: vec![pb::Tag {
+                tag: "stable".into(),
+                version: "1.0.0".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn arch(a: &str) -> Arch {
+        Arch::new(a).unwrap()
+    }
+
+    #[test]
+    fn latest_is_the_newest_stable_unretired_release_for_the_arch() {
+        let p = pkg();
+        let r = resolve(&p, &Want::Latest, &arch("x86_64")).unwrap();
+        assert_eq!(r.release.version, "1.10.0"); // semver order, not text
+        let r = resolve(&p, &Want::Latest, &arch("aarch64")).unwrap();
+        assert_eq!(r.release.version, "1.2.0");
+        assert!(matches!(
+            resolve(&p, &Want::Latest, &arch("riscv64")),
+            Err(ResolveError::NoRelease { .. })
+        ));
+        assert_eq!(latest_version(&p).as_deref(), Some("1.10.0"));
+    }
+
+    #[test]
+    fn versions_and_tags_resolve_from_the_index() {
+        let p = pkg();
+        let v = Want::Version(Version::new("1.2.0").unwrap());
+        assert!(matches!(
+            resolve(&p, &v, &arch("x86_64")),
+            Err(ResolveError::NoArch { .. })
+        ));
+        assert_eq!(
+            resolve(&p, &v, &arch("aarch64")).unwrap().artifact.arch,
+            "aarch64"
+        );
+        let t = Want::Tag(TagName::new("stable").unwrap());
+        assert_eq!(
+            resolve(&p, &t, &arch("x86_64")).unwrap().release.version,
+            "1.0.0"
+        );
+        let t = Want::Tag(TagName::new("beta").unwrap());
+        assert!(matches!(
+            resolve(&p, &t, &arch("x86_64")),
+            Err(ResolveError::NoTag { .. })
+        ));
+    }
+
+    #[test]
+    fn references_parse() {
+        let r: PackageRef = "my-api".parse().unwrap();
+        assert_eq!(r.want, Want::Latest);
+        let r: PackageRef = "my-api:1.0.0".parse().unwrap();
+        assert_eq!(r.want, Want::Version(Version::new("1.0.0").unwrap()));
+        let r: PackageRef = "team/my-api:stable".parse().unwrap();
+        assert_eq!(r.org.as_ref().map(|o| o.as_str()), Some("team"));
+        assert_eq!(r.want, Want::Tag(TagName::new("stable").unwrap()));
+        assert_eq!(r.to_string(), "team/my-api:stable");
+        for bad in ["", "My-Api", "a:", "a:1.0", "../x", "a/b/c", "a:b:c"] {
+            assert!(bad.parse::<PackageRef>().is_err(), "{bad}");
+        }
+    }
+}
