@@ -71,7 +71,7 @@ pub enum Refused {
     #[error("the request path may not encode '/' or '\\' (%2F, %5C)")]
     EncodedSeparator,
     #[error(
-        "the request path may contain only ASCII letters, digits, '.', '_', '-' and '/', not {0}"
+        "the request path may contain only ASCII letters, digits, '.', '_', '-' and '/' (every name in the registry is made of these), not {0}"
     )]
     BadByte(String),
     #[error("the request path climbs above the root with '..'")]
@@ -340,20 +340,29 @@ fn allowed(b: u8) -> bool {
 }
 
 fn describe(b: u8) -> String {
-    if b.is_ascii_graphic() {
+    if b == b' ' {
+        "a space".to_string()
+    } else if b.is_ascii_graphic() {
         format!("'{}'", b as char)
+    } else if b.is_ascii() {
+        format!("the control byte 0x{b:02x}")
     } else {
-        format!("byte 0x{b:02x}")
+        format!("the non-ASCII byte 0x{b:02x}")
     }
 }
 
-/// Percent-decodes once.
+/// Percent-decodes once, refusing the first byte the door does not allow
+/// as it comes; one that came from an escape is named as the client wrote
+/// it (`%FF`), since that is what they will look for.
 fn decode(path: &[u8]) -> Result<Vec<u8>, Refused> {
     let mut out = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < path.len() {
         let b = path[i];
         if b != b'%' {
+            if !allowed(b) {
+                return Err(Refused::BadByte(describe(b)));
+            }
             out.push(b);
             i += 1;
             continue;
@@ -366,6 +375,13 @@ fn decode(path: &[u8]) -> Result<Vec<u8>, Refused> {
         let byte = (hex(i + 1)? * 16 + hex(i + 2)?) as u8;
         if byte == b'/' || byte == b'\\' {
             return Err(Refused::EncodedSeparator);
+        }
+        if !allowed(byte) {
+            let sent = String::from_utf8_lossy(&path[i..i + 3]);
+            return Err(Refused::BadByte(format!(
+                "{} (sent as {sent})",
+                describe(byte)
+            )));
         }
         out.push(byte);
         i += 3;
@@ -560,17 +576,35 @@ mod tests {
             ("/repos%2facme/names", Refused::EncodedSeparator),
             ("/repos/acme%5Cnames", Refused::EncodedSeparator),
             ("/repos/acme\\names", Refused::BadByte("'\\'".into())),
-            ("/repos/acme/na%00mes", Refused::BadByte("byte 0x00".into())),
+            (
+                "/repos/acme/na%00mes",
+                Refused::BadByte("the control byte 0x00 (sent as %00)".into()),
+            ),
             (
                 "/repos/acme/names%0d%0aX: y",
-                Refused::BadByte("byte 0x0d".into()),
+                Refused::BadByte("the control byte 0x0d (sent as %0d)".into()),
             ),
             ("/repos/acme/names;x", Refused::BadByte("';'".into())),
-            ("/repos/acme/names%3Fx", Refused::BadByte("'?'".into())),
-            ("/repos/acme/names%23", Refused::BadByte("'#'".into())),
-            ("/repos/acme/names%2541", Refused::BadByte("'%'".into())),
-            ("/repos/acme/n%C3%A9", Refused::BadByte("byte 0xc3".into())),
-            ("/repos/acme/n%FF", Refused::BadByte("byte 0xff".into())),
+            (
+                "/repos/acme/names%3Fx",
+                Refused::BadByte("'?' (sent as %3F)".into()),
+            ),
+            (
+                "/repos/acme/names%23",
+                Refused::BadByte("'#' (sent as %23)".into()),
+            ),
+            (
+                "/repos/acme/names%2541",
+                Refused::BadByte("'%' (sent as %25)".into()),
+            ),
+            (
+                "/repos/acme/n%C3%A9",
+                Refused::BadByte("the non-ASCII byte 0xc3 (sent as %C3)".into()),
+            ),
+            (
+                "/repos/acme/n%FF",
+                Refused::BadByte("the non-ASCII byte 0xff (sent as %FF)".into()),
+            ),
             ("/repos/acme/names%", Refused::BadEscape),
             ("/repos/acme/names%4", Refused::BadEscape),
             ("/repos/acme/names%zz", Refused::BadEscape),
@@ -642,11 +676,11 @@ mod tests {
         }
         assert_eq!(
             n(b"/repos/acme/n\xc3\xa9"),
-            Err(Refused::BadByte("byte 0xc3".into()))
+            Err(Refused::BadByte("the non-ASCII byte 0xc3".into()))
         );
         assert_eq!(
             n(b"/repos/acme/names\r\nX: y"),
-            Err(Refused::BadByte("byte 0x0d".into()))
+            Err(Refused::BadByte("the control byte 0x0d".into()))
         );
         assert_eq!(
             n(b"/repos/acme/jason/").unwrap().resource,
