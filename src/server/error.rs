@@ -9,6 +9,9 @@ use axum::Json;
 
 use crate::publish::PublishError;
 
+/// How every refusal of a `--read-only` server starts.
+pub const READ_ONLY: &str = "this registry is read-only (a mirror)";
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -45,6 +48,19 @@ impl ApiError {
 
     pub fn not_found(m: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, m)
+    }
+
+    /// The answer of a `--read-only` server to any write or key-management
+    /// request, whatever its Authorization header says (such a server has no
+    /// keys). `allow` is what the path still answers to (`GET, HEAD` for a
+    /// file of the tree, nothing for the key API), as a 405 must say.
+    pub fn read_only(allow: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{READ_ONLY}: it takes no uploads, deletes, tags or key management; send them to the registry it copies"),
+        );
+        e.headers.push(("allow", allow.to_string()));
+        e
     }
 
     pub fn conflict(m: impl Into<String>) -> Self {

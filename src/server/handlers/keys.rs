@@ -25,9 +25,7 @@ use crate::server::middleware::Caller;
 use crate::server::AppState;
 
 fn keystore(app: &AppState) -> ApiResult<&KeyStore> {
-    app.keys
-        .as_ref()
-        .ok_or_else(|| ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this registry is read-only"))
+    app.keys.as_ref().ok_or_else(|| ApiError::read_only(""))
 }
 
 fn require_admin(caller: &Caller) -> ApiResult<&KeyRecord> {

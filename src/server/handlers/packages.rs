@@ -85,12 +85,6 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    if app.settings.read_only {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "this registry is read-only",
-        ));
-    }
     let org = org_of(&params)?;
     let (name, version, arch) = parse_ids(&params)?;
     let key = require(&caller, Action::Push, org.as_ref(), &name)?;
