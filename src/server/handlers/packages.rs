@@ -21,6 +21,7 @@ use crate::publish::{unix_now, PublisherSignature, Upload};
 use crate::server::door::{self, Target};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::files::{self, json_response, ListQuery};
+use crate::server::handlers::body::{json_body, Kind, Shape};
 use crate::server::middleware::Caller;
 use crate::server::AppState;
 
@@ -69,11 +70,10 @@ fn require<'a>(
 }
 
 fn parse_ids(params: &HashMap<String, String>) -> ApiResult<(PackageName, Version, Arch)> {
-    let bad = |e: crate::ident::IdentError| ApiError::bad_request(e.to_string());
     Ok((
-        PackageName::new(param(params, "name")).map_err(bad)?,
-        Version::new(param(params, "version")).map_err(bad)?,
-        Arch::new(param(params, "arch")).map_err(bad)?,
+        PackageName::new(param(params, "name"))?,
+        Version::new(param(params, "version"))?,
+        Arch::new(param(params, "arch"))?,
     ))
 }
 
@@ -377,6 +377,12 @@ pub struct TagRequest {
     version: String,
 }
 
+/// The body of `POST …/tags`.
+pub const TAG_REQUEST: Shape = Shape {
+    example: r#"{"tag": "stable", "version": "1.1.0"}"#,
+    fields: &[("tag", Kind::String), ("version", Kind::String)],
+};
+
 /// `POST /v1/packages/{name}/tags` `{"tag": "stable", "version": "1.1.0"}`
 pub async fn set_tag(
     State(app): State<AppState>,
@@ -385,16 +391,11 @@ pub async fn set_tag(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     let org = org_of(&params)?;
-    let name = PackageName::new(param(&params, "name"))
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let name = PackageName::new(param(&params, "name"))?;
     require(&caller, Action::Push, org.as_ref(), &name)?;
-    let req: TagRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "body must be {{\"tag\": ..., \"version\": ...}}: {e}"
-        ))
-    })?;
-    let tag = TagName::new(&req.tag).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let version = Version::new(&req.version).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let req: TagRequest = json_body(&body, &TAG_REQUEST)?;
+    let tag = TagName::new(&req.tag)?;
+    let version = Version::new(&req.version)?;
     let publisher = app.committer(org.as_ref())?.publisher().clone();
     let (n, t, v) = (name.clone(), tag.clone(), version.clone());
     tokio::task::spawn_blocking(move || publisher.set_tag(&n, &t, &v))
