@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -413,7 +413,7 @@ pub async fn search(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(target): Extension<Target>,
-    Query(query): Query<ListQuery>,
+    query: ListQuery,
 ) -> ApiResult<Response> {
     let org = target.repo.clone();
     door::authorize_caller(&app, &caller, &target.access())?;
