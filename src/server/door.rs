@@ -36,11 +36,11 @@ use axum::http::Uri;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
+use super::error::{cut_ident, ApiError};
 use super::middleware::Caller;
 use super::AppState;
 use crate::auth::{Action, Scopes};
-use crate::ident::{Arch, PackageName, RepoName, Version};
+use crate::ident::{Arch, IdentError, PackageName, RepoName, Version};
 use crate::index::layout;
 use crate::store::TreePath;
 
@@ -235,6 +235,49 @@ impl Target {
                 },
             },
             Resource::Api | Resource::Nothing => Access::Public,
+        }
+    }
+
+    /// Why this path names nothing, when a segment breaks a naming rule
+    /// (`/repos/Team/…`, `/v1/packages/My-App/versions`) or it ends in `/`;
+    /// `None` when it merely names no kind of file. Worked out again from
+    /// the normal path, only for a 404, by the same rules as [`open`].
+    pub fn why_nothing(&self) -> Option<String> {
+        if self.file().is_some() {
+            return None;
+        }
+        let inner = self.path.strip_prefix('/').unwrap_or(&self.path);
+        if inner.is_empty() {
+            return None;
+        }
+        if let Some(dir) = inner.strip_suffix('/') {
+            return Some(format!(
+                "a path ending in '/' names no file (ask for /{dir})"
+            ));
+        }
+        let segments: Vec<&str> = inner.split('/').collect();
+        let rest = match segments.as_slice() {
+            ["repos", org, rest @ ..] => match RepoName::new(org) {
+                Ok(_) => rest,
+                Err(e) => return Some(cut_ident(e).to_string()),
+            },
+            ["repos"] => return Some("a repository's files are under /repos/ORG/".into()),
+            all => all,
+        };
+        match file_kind(rest) {
+            Err(Some(e)) => Some(cut_ident(e).to_string()),
+            _ => None,
+        }
+    }
+
+    /// The 404 of a read of this path when it names no file: "no such
+    /// file", and why when [`Target::why_nothing`] can tell. `serve`, the
+    /// nginx check and search all answer it, so a path that cannot exist
+    /// gets the same answer everywhere.
+    pub fn not_found(&self) -> ApiError {
+        match self.why_nothing() {
+            Some(why) => ApiError::not_found(format!("no such file: {why}")),
+            None => ApiError::not_found("no such file"),
         }
     }
 
@@ -436,7 +479,7 @@ fn classify(segments: &[&str], trailing: bool) -> (Option<RepoName>, Resource) {
         ["health"] | ["v1", "auth", ..] if repo.is_none() => Resource::Api,
         ["v1", "search"] => Resource::Search,
         _ => match file_kind(rest) {
-            Some(kind) => {
+            Ok(kind) => {
                 let rel = match kind {
                     FileKind::V1Index => layout::V1_INDEX.to_string(),
                     _ => rest.join("/"),
@@ -450,17 +493,19 @@ fn classify(segments: &[&str], trailing: bool) -> (Option<RepoName>, Resource) {
                     Err(_) => Resource::Nothing,
                 }
             }
-            None => Resource::Nothing,
+            Err(_) => Resource::Nothing,
         },
     };
     (repo, resource)
 }
 
-fn file_kind(rest: &[&str]) -> Option<FileKind> {
-    let name = |n: &str| PackageName::new(n).ok();
-    let version = |v: &str| Version::new(v).ok();
-    let arch = |a: &str| Arch::new(a).ok();
-    Some(match rest {
+/// The kind of file `rest` (a path inside a repository) names; otherwise
+/// the rule a segment breaks, if one does (see [`Target::not_found`]).
+fn file_kind(rest: &[&str]) -> Result<FileKind, Option<IdentError>> {
+    let name = |n: &str| PackageName::new(n).map_err(Some);
+    let version = |v: &str| Version::new(v).map_err(Some);
+    let arch = |a: &str| Arch::new(a).map_err(Some);
+    Ok(match rest {
         ["names"] => FileKind::Names,
         ["versions"] => FileKind::Versions,
         ["public_key"] => FileKind::PublicKey,
@@ -475,12 +520,15 @@ fn file_kind(rest: &[&str]) -> Option<FileKind> {
         }
         ["packages", n] => FileKind::Package(name(n)?),
         ["tarballs", file] => {
-            let (n, v) = split_name_version(file.strip_suffix(".tar")?)?;
+            let (n, v) = split_name_version(file.strip_suffix(".tar").ok_or(None)?).ok_or(None)?;
             FileKind::Tarball(n, v)
         }
         ["archives", file] => {
-            let (stem, a) = file.strip_suffix(".niso")?.rsplit_once('-')?;
-            let (n, v) = split_name_version(stem)?;
+            let (stem, a) = file
+                .strip_suffix(".niso")
+                .and_then(|f| f.rsplit_once('-'))
+                .ok_or(None)?;
+            let (n, v) = split_name_version(stem).ok_or(None)?;
             FileKind::Archive(n, v, arch(a)?)
         }
         ["v1", "packages"] | ["v1", "packages", "index.json"] => FileKind::V1Index,
@@ -497,7 +545,7 @@ fn file_kind(rest: &[&str]) -> Option<FileKind> {
             version: Some(version(v)?),
             arch: arch(a)?,
         },
-        _ => return None,
+        _ => return Err(None),
     })
 }
 
@@ -839,6 +887,30 @@ mod tests {
         for a in [&web, &other, &listing, &repo] {
             assert_eq!(authorize(a, true, Some(&whole)), Ok(()));
             assert!(authorize(a, true, Some(&root_only)).is_err());
+        }
+    }
+
+    #[test]
+    fn a_path_that_names_nothing_says_why_when_a_name_is_wrong() {
+        let why = |p: &str| raw(p).unwrap().why_nothing();
+        let reason = |p: &str| why(p).unwrap_or_else(|| panic!("{p}: no reason"));
+        assert!(reason("/repos/Team/names").starts_with("invalid repository name \"Team\""));
+        assert!(reason("/repos/acme/v1/packages/My/versions")
+            .starts_with("invalid package name \"My\""));
+        assert!(reason("/v1/packages/jason/stable/any").starts_with("invalid version \"stable\""));
+        assert!(reason("/archives/jason-1.0.0-X86.niso").starts_with("invalid arch \"X86\""));
+        assert!(reason("/v1/packages/jason/").contains("ending in '/'"));
+        assert!(reason("/repos").contains("/repos/ORG/"));
+        let long = format!("/v1/packages/{}/versions", "A".repeat(900));
+        assert!(reason(&long).len() < 300, "the name is cut");
+        for p in [
+            "/names",
+            "/v1/packages/jason/1.0.0/any",
+            "/no/such/file",
+            "/",
+            "/v1/other",
+        ] {
+            assert_eq!(why(p), None, "{p}");
         }
     }
 

@@ -182,7 +182,7 @@ pub async fn serve_tree(
         ));
     }
     let Some(file) = target.file() else {
-        return Err(ApiError::not_found("no such file"));
+        return Err(target.not_found());
     };
     door::authorize_caller(&app, &caller, &target.access())?;
     if query.wants_pages() && matches!(file.kind, FileKind::V1Index | FileKind::V1Versions(_)) {

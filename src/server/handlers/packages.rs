@@ -25,11 +25,13 @@ use crate::server::handlers::body::{json_body, Kind, Shape};
 use crate::server::middleware::Caller;
 use crate::server::AppState;
 
-/// The repository a request is for, from the optional `{org}` segment.
+/// The repository a write is for, from the optional `{org}` segment. An
+/// invalid name is a 400 with the rule, as an invalid package name is: the
+/// request is wrong, not the repository missing.
 fn org_of(params: &HashMap<String, String>) -> ApiResult<Option<RepoName>> {
     params
         .get("org")
-        .map(|o| RepoName::new(o).map_err(|e| ApiError::not_found(e.to_string())))
+        .map(|o| RepoName::new(o).map_err(ApiError::from))
         .transpose()
 }
 
@@ -415,6 +417,14 @@ pub async fn search(
     Extension(target): Extension<Target>,
     query: ListQuery,
 ) -> ApiResult<Response> {
+    // `/repos/Team/v1/search` reaches this route too, but names no
+    // repository (and must not search the root one).
+    if target.resource != door::Resource::Search {
+        return Err(ApiError::not_found(match target.why_nothing() {
+            Some(why) => format!("no such repository: {why}"),
+            None => "no such repository".to_string(),
+        }));
+    }
     let org = target.repo.clone();
     door::authorize_caller(&app, &caller, &target.access())?;
     let term = query.q.clone().unwrap_or_default();
