@@ -209,8 +209,16 @@ impl RepoName {
     }
 }
 
-/// A tag (release channel) name: the package-name rule. A tag may not look
-/// like a version, so `pkg:1.0.0` always means the version.
+/// Tag names that would contradict the v1 URL space, where a tag stands
+/// in for a version (`pkg:stable`): `latest` already means the newest
+/// version (`v1/packages/NAME/latest/ARCH`, and the `latest` row of
+/// `list-tags`), and `manifest`, `versions`, `tags` are paths beside the
+/// versions (`v1/packages/NAME/versions`, `…/VERSION/manifest`).
+const RESERVED_TAGS: &[&str] = &["latest", "manifest", "versions", "tags"];
+
+/// A tag (release channel) name: the package-name rule, minus
+/// [`RESERVED_TAGS`]. A tag may not look like a version, so `pkg:1.0.0`
+/// always means the version.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TagName(String);
 
@@ -220,6 +228,12 @@ impl TagName {
             IdentError::PackageName { name, rule } => IdentError::Tag { tag: name, rule },
             other => other,
         })?;
+        if RESERVED_TAGS.contains(&tag) {
+            return Err(IdentError::Tag {
+                tag: tag.to_string(),
+                rule: "is reserved (latest, manifest, versions, tags): latest always means the newest version, and the others are paths of the v1 API",
+            });
+        }
         Ok(Self(tag.to_string()))
     }
 
@@ -346,5 +360,10 @@ mod tests {
         ));
         assert!(TagName::new("stable").is_ok());
         assert!(matches!(TagName::new("1.0.0"), Err(IdentError::Tag { .. })));
+        for reserved in ["latest", "manifest", "versions", "tags"] {
+            let e = TagName::new(reserved).unwrap_err().to_string();
+            assert!(e.contains(reserved) && e.contains("reserved"), "{e}");
+        }
+        assert!(TagName::new("latest-stable").is_ok());
     }
 }

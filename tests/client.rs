@@ -856,7 +856,10 @@ fn pull_works_from_nginx_and_from_a_plain_static_host() {
         let (o, _) = c.ok(&["search", "app"]);
         assert_eq!(o, "my-app  1.1.0  My application\n", "{name}");
         let (o, _) = c.ok(&["registry", "list-tags", "my-app"]);
-        assert_eq!(o, "TAG     VERSION\nstable  1.0.0\n", "{name}");
+        assert_eq!(
+            o, "TAG     VERSION\nlatest  1.1.0\nstable  1.0.0\n",
+            "{name}"
+        );
     }
 }
 
@@ -1212,7 +1215,10 @@ fn tag_moves_a_channel_and_list_tags_prints_the_manual_table() {
     c.ok(&["push", p(&fixture(V110))]);
     let (o, _) = c.ok(&["tag", "my-app:1.0.0", "my-app:stable"]);
     assert_eq!(o, "Tagged my-app 1.0.0 as stable\n");
-    c.ok(&["tag", "my-app:1.1.0", "my-app:latest"]);
+    // `latest` is no tag to set: it always names the newest release, and
+    // list-tags shows it so.
+    let e = c.fails(&["tag", "my-app:1.1.0", "my-app:latest"], 2);
+    assert!(e.contains("reserved"), "{e}");
     let (o, _) = c.ok(&["registry", "list-tags", "my-app"]);
     assert_eq!(o, "TAG     VERSION\nlatest  1.1.0\nstable  1.0.0\n");
     // Moving a tag.

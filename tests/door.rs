@@ -597,6 +597,13 @@ fn nginx_answers_every_read_as_serve_does() {
         "v1/search?q=".into(),
         "no/such/file".into(),
         "packages/".into(),
+        // Wrong names and parameters: the same message both ways.
+        "packages/Jason".into(),
+        "v1/packages/My-App/versions".into(),
+        "v1/packages/jason/stable/any".into(),
+        "repos/Team/names".into(),
+        "v1/packages?page=-1".into(),
+        "v1/packages/jason/versions?per_page=1&per_page=2".into(),
     ];
     let mut compared = 0;
     for prefix in ["", "/repos/team"] {

@@ -86,6 +86,9 @@ impl TagArgs {
 }
 
 /// List a package's tags, from its signed index.
+///
+/// `latest` is listed too: it is no tag anyone sets (the name is reserved)
+/// but always the newest release, the one `niso pull NAME` takes.
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
 Example:
@@ -116,24 +119,29 @@ impl ListTagsArgs {
         let fresh = session.fresh()?;
         let pkg = session.reader.require_package(&fresh, &self.package.name)?;
         session.remember(&fresh)?;
+        let mut tags: Vec<(String, String)> = pkg
+            .tags
+            .iter()
+            .map(|t| (t.tag.clone(), t.version.clone()))
+            .collect();
+        if let Some(r) = crate::index::view::latest(&pkg, |_| true) {
+            tags.push(("latest".into(), r.version.clone()));
+        }
+        tags.sort();
         if ctx.json {
-            for t in &pkg.tags {
+            for (tag, version) in &tags {
                 ctx.emit(
                     "tag",
-                    serde_json::json!({ "name": pkg.name, "tag": t.tag, "version": t.version }),
+                    serde_json::json!({ "name": pkg.name, "tag": tag, "version": version }),
                 );
             }
-        } else if pkg.tags.is_empty() {
+        } else if tags.is_empty() {
             eprintln!(
-                "{} has no tags; set one with `niso tag {}:VERSION {}:TAG`",
-                pkg.name, self.package, self.package
+                "{} has no releases; push one with `niso push FILE`",
+                pkg.name
             );
         } else {
-            let rows: Vec<Vec<String>> = pkg
-                .tags
-                .iter()
-                .map(|t| vec![t.tag.clone(), t.version.clone()])
-                .collect();
+            let rows: Vec<Vec<String>> = tags.into_iter().map(|(t, v)| vec![t, v]).collect();
             print_table(&["TAG", "VERSION"], &rows);
         }
         Ok(Outcome::Success)

@@ -36,11 +36,11 @@ use axum::http::Uri;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
+use super::error::{cut_ident, ApiError};
 use super::middleware::Caller;
 use super::AppState;
 use crate::auth::{Action, Scopes};
-use crate::ident::{Arch, PackageName, RepoName, Version};
+use crate::ident::{Arch, IdentError, PackageName, RepoName, Version};
 use crate::index::layout;
 use crate::store::TreePath;
 
@@ -71,7 +71,7 @@ pub enum Refused {
     #[error("the request path may not encode '/' or '\\' (%2F, %5C)")]
     EncodedSeparator,
     #[error(
-        "the request path may contain only ASCII letters, digits, '.', '_', '-' and '/', not {0}"
+        "the request path may contain only ASCII letters, digits, '.', '_', '-' and '/' (every name in the registry is made of these), not {0}"
     )]
     BadByte(String),
     #[error("the request path climbs above the root with '..'")]
@@ -241,6 +241,49 @@ impl Target {
         }
     }
 
+    /// Why this path names nothing, when a segment breaks a naming rule
+    /// (`/repos/Team/…`, `/v1/packages/My-App/versions`) or it ends in `/`;
+    /// `None` when it merely names no kind of file. Worked out again from
+    /// the normal path, only for a 404, by the same rules as [`open`].
+    pub fn why_nothing(&self) -> Option<String> {
+        if self.file().is_some() {
+            return None;
+        }
+        let inner = self.path.strip_prefix('/').unwrap_or(&self.path);
+        if inner.is_empty() {
+            return None;
+        }
+        if let Some(dir) = inner.strip_suffix('/') {
+            return Some(format!(
+                "a path ending in '/' names no file (ask for /{dir})"
+            ));
+        }
+        let segments: Vec<&str> = inner.split('/').collect();
+        let rest = match segments.as_slice() {
+            ["repos", org, rest @ ..] => match RepoName::new(org) {
+                Ok(_) => rest,
+                Err(e) => return Some(cut_ident(e).to_string()),
+            },
+            ["repos"] => return Some("a repository's files are under /repos/ORG/".into()),
+            all => all,
+        };
+        match file_kind(rest) {
+            Err(Some(e)) => Some(cut_ident(e).to_string()),
+            _ => None,
+        }
+    }
+
+    /// The 404 of a read of this path when it names no file: "no such
+    /// file", and why when [`Target::why_nothing`] can tell. `serve`, the
+    /// nginx check and search all answer it, so a path that cannot exist
+    /// gets the same answer everywhere.
+    pub fn not_found(&self) -> ApiError {
+        match self.why_nothing() {
+            Some(why) => ApiError::not_found(format!("no such file: {why}")),
+            None => ApiError::not_found("no such file"),
+        }
+    }
+
     /// `Cache-Control` of a file: organization files are `private` (a read
     /// needs a key, so no shared cache may keep it for others), archives
     /// cache for a year, everything else revalidates (cheap, with ETags).
@@ -343,20 +386,29 @@ fn allowed(b: u8) -> bool {
 }
 
 fn describe(b: u8) -> String {
-    if b.is_ascii_graphic() {
+    if b == b' ' {
+        "a space".to_string()
+    } else if b.is_ascii_graphic() {
         format!("'{}'", b as char)
+    } else if b.is_ascii() {
+        format!("the control byte 0x{b:02x}")
     } else {
-        format!("byte 0x{b:02x}")
+        format!("the non-ASCII byte 0x{b:02x}")
     }
 }
 
-/// Percent-decodes once.
+/// Percent-decodes once, refusing the first byte the door does not allow
+/// as it comes; one that came from an escape is named as the client wrote
+/// it (`%FF`), since that is what they will look for.
 fn decode(path: &[u8]) -> Result<Vec<u8>, Refused> {
     let mut out = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < path.len() {
         let b = path[i];
         if b != b'%' {
+            if !allowed(b) {
+                return Err(Refused::BadByte(describe(b)));
+            }
             out.push(b);
             i += 1;
             continue;
@@ -369,6 +421,13 @@ fn decode(path: &[u8]) -> Result<Vec<u8>, Refused> {
         let byte = (hex(i + 1)? * 16 + hex(i + 2)?) as u8;
         if byte == b'/' || byte == b'\\' {
             return Err(Refused::EncodedSeparator);
+        }
+        if !allowed(byte) {
+            let sent = String::from_utf8_lossy(&path[i..i + 3]);
+            return Err(Refused::BadByte(format!(
+                "{} (sent as {sent})",
+                describe(byte)
+            )));
         }
         out.push(byte);
         i += 3;
@@ -423,7 +482,7 @@ fn classify(segments: &[&str], trailing: bool) -> (Option<RepoName>, Resource) {
         ["health"] | ["v1", "auth", ..] if repo.is_none() => Resource::Api,
         ["v1", "search"] => Resource::Search,
         _ => match file_kind(rest) {
-            Some(kind) => {
+            Ok(kind) => {
                 let rel = match kind {
                     FileKind::V1Index => layout::V1_INDEX.to_string(),
                     _ => rest.join("/"),
@@ -437,17 +496,19 @@ fn classify(segments: &[&str], trailing: bool) -> (Option<RepoName>, Resource) {
                     Err(_) => Resource::Nothing,
                 }
             }
-            None => Resource::Nothing,
+            Err(_) => Resource::Nothing,
         },
     };
     (repo, resource)
 }
 
-fn file_kind(rest: &[&str]) -> Option<FileKind> {
-    let name = |n: &str| PackageName::new(n).ok();
-    let version = |v: &str| Version::new(v).ok();
-    let arch = |a: &str| Arch::new(a).ok();
-    Some(match rest {
+/// The kind of file `rest` (a path inside a repository) names; otherwise
+/// the rule a segment breaks, if one does (see [`Target::not_found`]).
+fn file_kind(rest: &[&str]) -> Result<FileKind, Option<IdentError>> {
+    let name = |n: &str| PackageName::new(n).map_err(Some);
+    let version = |v: &str| Version::new(v).map_err(Some);
+    let arch = |a: &str| Arch::new(a).map_err(Some);
+    Ok(match rest {
         ["names"] => FileKind::Names,
         ["versions"] => FileKind::Versions,
         ["public_key"] => FileKind::PublicKey,
@@ -463,12 +524,15 @@ fn file_kind(rest: &[&str]) -> Option<FileKind> {
         ["packages", n] => FileKind::Package(name(n)?),
         ["niso", "packages", n] => FileKind::NisoPackage(name(n)?),
         ["tarballs", file] => {
-            let (n, v) = split_name_version(file.strip_suffix(".tar")?)?;
+            let (n, v) = split_name_version(file.strip_suffix(".tar").ok_or(None)?).ok_or(None)?;
             FileKind::Tarball(n, v)
         }
         ["archives", file] => {
-            let (stem, a) = file.strip_suffix(".niso")?.rsplit_once('-')?;
-            let (n, v) = split_name_version(stem)?;
+            let (stem, a) = file
+                .strip_suffix(".niso")
+                .and_then(|f| f.rsplit_once('-'))
+                .ok_or(None)?;
+            let (n, v) = split_name_version(stem).ok_or(None)?;
             FileKind::Archive(n, v, arch(a)?)
         }
         ["v1", "packages"] | ["v1", "packages", "index.json"] => FileKind::V1Index,
@@ -485,7 +549,7 @@ fn file_kind(rest: &[&str]) -> Option<FileKind> {
             version: Some(version(v)?),
             arch: arch(a)?,
         },
-        _ => return None,
+        _ => return Err(None),
     })
 }
 
@@ -564,17 +628,35 @@ mod tests {
             ("/repos%2facme/names", Refused::EncodedSeparator),
             ("/repos/acme%5Cnames", Refused::EncodedSeparator),
             ("/repos/acme\\names", Refused::BadByte("'\\'".into())),
-            ("/repos/acme/na%00mes", Refused::BadByte("byte 0x00".into())),
+            (
+                "/repos/acme/na%00mes",
+                Refused::BadByte("the control byte 0x00 (sent as %00)".into()),
+            ),
             (
                 "/repos/acme/names%0d%0aX: y",
-                Refused::BadByte("byte 0x0d".into()),
+                Refused::BadByte("the control byte 0x0d (sent as %0d)".into()),
             ),
             ("/repos/acme/names;x", Refused::BadByte("';'".into())),
-            ("/repos/acme/names%3Fx", Refused::BadByte("'?'".into())),
-            ("/repos/acme/names%23", Refused::BadByte("'#'".into())),
-            ("/repos/acme/names%2541", Refused::BadByte("'%'".into())),
-            ("/repos/acme/n%C3%A9", Refused::BadByte("byte 0xc3".into())),
-            ("/repos/acme/n%FF", Refused::BadByte("byte 0xff".into())),
+            (
+                "/repos/acme/names%3Fx",
+                Refused::BadByte("'?' (sent as %3F)".into()),
+            ),
+            (
+                "/repos/acme/names%23",
+                Refused::BadByte("'#' (sent as %23)".into()),
+            ),
+            (
+                "/repos/acme/names%2541",
+                Refused::BadByte("'%' (sent as %25)".into()),
+            ),
+            (
+                "/repos/acme/n%C3%A9",
+                Refused::BadByte("the non-ASCII byte 0xc3 (sent as %C3)".into()),
+            ),
+            (
+                "/repos/acme/n%FF",
+                Refused::BadByte("the non-ASCII byte 0xff (sent as %FF)".into()),
+            ),
             ("/repos/acme/names%", Refused::BadEscape),
             ("/repos/acme/names%4", Refused::BadEscape),
             ("/repos/acme/names%zz", Refused::BadEscape),
@@ -646,11 +728,11 @@ mod tests {
         }
         assert_eq!(
             n(b"/repos/acme/n\xc3\xa9"),
-            Err(Refused::BadByte("byte 0xc3".into()))
+            Err(Refused::BadByte("the non-ASCII byte 0xc3".into()))
         );
         assert_eq!(
             n(b"/repos/acme/names\r\nX: y"),
-            Err(Refused::BadByte("byte 0x0d".into()))
+            Err(Refused::BadByte("the control byte 0x0d".into()))
         );
         assert_eq!(
             n(b"/repos/acme/jason/").unwrap().resource,
@@ -809,6 +891,30 @@ mod tests {
         for a in [&web, &other, &listing, &repo] {
             assert_eq!(authorize(a, true, Some(&whole)), Ok(()));
             assert!(authorize(a, true, Some(&root_only)).is_err());
+        }
+    }
+
+    #[test]
+    fn a_path_that_names_nothing_says_why_when_a_name_is_wrong() {
+        let why = |p: &str| raw(p).unwrap().why_nothing();
+        let reason = |p: &str| why(p).unwrap_or_else(|| panic!("{p}: no reason"));
+        assert!(reason("/repos/Team/names").starts_with("invalid repository name \"Team\""));
+        assert!(reason("/repos/acme/v1/packages/My/versions")
+            .starts_with("invalid package name \"My\""));
+        assert!(reason("/v1/packages/jason/stable/any").starts_with("invalid version \"stable\""));
+        assert!(reason("/archives/jason-1.0.0-X86.niso").starts_with("invalid arch \"X86\""));
+        assert!(reason("/v1/packages/jason/").contains("ending in '/'"));
+        assert!(reason("/repos").contains("/repos/ORG/"));
+        let long = format!("/v1/packages/{}/versions", "A".repeat(900));
+        assert!(reason(&long).len() < 300, "the name is cut");
+        for p in [
+            "/names",
+            "/v1/packages/jason/1.0.0/any",
+            "/no/such/file",
+            "/",
+            "/v1/other",
+        ] {
+            assert_eq!(why(p), None, "{p}");
         }
     }
 

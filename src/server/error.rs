@@ -7,7 +7,27 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::ident::IdentError;
 use crate::publish::PublishError;
+
+/// Most bytes of a client's own text quoted back in a message.
+pub const QUOTE_MAX: usize = 100;
+
+/// `s` cut to [`QUOTE_MAX`] bytes at a character boundary, `…` marking a
+/// cut: a message quotes what it refuses, but not 64 KiB of it.
+pub fn cut(s: &str) -> String {
+    if s.len() <= QUOTE_MAX {
+        return s.to_string();
+    }
+    let mut end = QUOTE_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// How every refusal of a `--read-only` server starts.
+pub const READ_ONLY: &str = "this registry is read-only (a mirror)";
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -47,6 +67,19 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, m)
     }
 
+    /// The answer of a `--read-only` server to any write or key-management
+    /// request, whatever its Authorization header says (such a server has no
+    /// keys). `allow` is what the path still answers to (`GET, HEAD` for a
+    /// file of the tree, nothing for the key API), as a 405 must say.
+    pub fn read_only(allow: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{READ_ONLY}: it takes no uploads, deletes, tags or key management; send them to the registry it copies"),
+        );
+        e.headers.push(("allow", allow.to_string()));
+        e
+    }
+
     pub fn conflict(m: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, m)
     }
@@ -65,13 +98,50 @@ impl ApiError {
     }
 }
 
+/// An identifier from a URL or a body that breaks its rule: 400 with the
+/// rule, the identifier cut (see [`cut_ident`]).
+impl From<IdentError> for ApiError {
+    fn from(e: IdentError) -> Self {
+        Self::bad_request(cut_ident(e).to_string())
+    }
+}
+
+/// `e` with the client's identifier in it cut (see [`cut`]).
+pub fn cut_ident(e: IdentError) -> IdentError {
+    match e {
+        IdentError::PackageName { name, rule } => IdentError::PackageName {
+            name: cut(&name),
+            rule,
+        },
+        IdentError::Version { version, reason } => IdentError::Version {
+            version: cut(&version),
+            reason,
+        },
+        IdentError::Arch { arch, rule } => IdentError::Arch {
+            arch: cut(&arch),
+            rule,
+        },
+        IdentError::RepoName { name, rule } => IdentError::RepoName {
+            name: cut(&name),
+            rule,
+        },
+        IdentError::Tag { tag, rule } => IdentError::Tag {
+            tag: cut(&tag),
+            rule,
+        },
+        // A variant added later is quoted whole until it is listed here.
+        #[allow(unreachable_patterns)]
+        other => other,
+    }
+}
+
 impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
         match e {
             PublishError::Conflict(m) => Self::conflict(m),
             PublishError::NotFound(m) => Self::not_found(m),
             PublishError::Invalid(m) => Self::bad_request(m),
-            PublishError::Ident(e) => Self::bad_request(e.to_string()),
+            PublishError::Ident(e) => Self::from(e),
             PublishError::Archive(e) => Self::bad_request(format!("invalid archive: {e}")),
             // The cause was logged when the write failed (and may name
             // paths on the server); this change is safe to retry.

@@ -15,7 +15,6 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use prost::Message;
-use serde::Deserialize;
 
 use super::door::{self, FileKind, Spelling, Target, TreeFile};
 use super::error::{ApiError, ApiResult};
@@ -26,8 +25,11 @@ use crate::index::layout;
 use crate::index::pb;
 use crate::store::TreePath;
 
-/// Seed 002's list parameters.
-#[derive(Debug, Default, Deserialize)]
+/// Seed 002's list parameters, read by our own extractor so that a bad one
+/// gets a message naming it and what it accepts (axum's `Query` answers a
+/// bare "bad request"). Other parameters are ignored, as a static host
+/// ignores them.
+#[derive(Debug, Default)]
 pub struct ListQuery {
     pub page: Option<usize>,
     pub per_page: Option<usize>,
@@ -36,13 +38,82 @@ pub struct ListQuery {
     pub q: Option<String>,
 }
 
+/// Highest `page` accepted: far past any real list, and a number a message
+/// can name.
+pub const MAX_PAGE: usize = 1_000_000_000;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ListQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        // Decoding into pairs cannot fail: bad escapes decode leniently.
+        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+            .map_err(|_| ApiError::bad_request("the query string is not form-encoded"))?;
+        Self::from_pairs(pairs)
+    }
+}
+
 impl ListQuery {
+    /// Checks each known parameter: given once, and a value it accepts.
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> ApiResult<Self> {
+        let mut q = Self::default();
+        for (key, value) in pairs {
+            let slot_taken = match key.as_str() {
+                "page" => q.page.replace(number(&key, &value, MAX_PAGE)?).is_some(),
+                "per_page" => q
+                    .per_page
+                    .replace(number(&key, &value, MAX_PER_PAGE)?)
+                    .is_some(),
+                "sort_by" => q.sort_by.replace(value).is_some(),
+                "order" => {
+                    if value != "asc" && value != "desc" {
+                        return Err(ApiError::bad_request(format!(
+                            "order must be asc or desc, not {}",
+                            quote(&value)
+                        )));
+                    }
+                    q.order.replace(value).is_some()
+                }
+                "q" => q.q.replace(value).is_some(),
+                _ => false,
+            };
+            if slot_taken {
+                return Err(ApiError::bad_request(format!(
+                    "the query parameter {key} is given more than once: give it once"
+                )));
+            }
+        }
+        Ok(q)
+    }
+
     fn wants_pages(&self) -> bool {
         self.page.is_some()
             || self.per_page.is_some()
             || self.sort_by.is_some()
             || self.order.is_some()
     }
+}
+
+/// A whole number from 1 to `max`, for the query parameter `key`.
+fn number(key: &str, value: &str, max: usize) -> ApiResult<usize> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{key} must be a whole number from 1 to {max}, not {}",
+                quote(value)
+            ))
+        })
+}
+
+/// A client's value in quotes, cut.
+fn quote(s: &str) -> String {
+    format!("{:?}", super::error::cut(s))
 }
 
 /// The fast path for the common read: a public file, no key, no query, no
@@ -95,7 +166,7 @@ pub async fn serve_tree(
     Extension(caller): Extension<Caller>,
     Extension(target): Extension<Target>,
     method: Method,
-    Query(query): Query<ListQuery>,
+    query: ListQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     if method != Method::GET && method != Method::HEAD {
@@ -105,7 +176,7 @@ pub async fn serve_tree(
         ));
     }
     let Some(file) = target.file() else {
-        return Err(ApiError::not_found("no such file"));
+        return Err(target.not_found());
     };
     door::authorize_caller(&app, &caller, &target.access())?;
     if query.wants_pages() && matches!(file.kind, FileKind::V1Index | FileKind::V1Versions(_)) {
@@ -259,20 +330,17 @@ pub fn page_of<T>(
     sort_key: impl Fn(&T, &str) -> Result<String, ApiError>,
     default_sort: &str,
 ) -> ApiResult<(Vec<T>, Pagination)> {
-    let page = query.page.unwrap_or(1);
-    let per_page = query.per_page.unwrap_or(DEFAULT_PER_PAGE);
-    if page == 0 || per_page == 0 || per_page > MAX_PER_PAGE {
-        return Err(ApiError::bad_request(format!(
-            "page must be at least 1 and per_page between 1 and {MAX_PER_PAGE}"
-        )));
-    }
+    // Both were checked when the query was read (`ListQuery`).
+    let page = query.page.unwrap_or(1).max(1);
+    let per_page = query.per_page.unwrap_or(DEFAULT_PER_PAGE).max(1);
     let sort_by = query.sort_by.as_deref().unwrap_or(default_sort);
     let desc = match query.order.as_deref() {
         None | Some("asc") => false,
         Some("desc") => true,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
-                "order must be asc or desc, not {other:?}"
+                "order must be asc or desc, not {}",
+                quote(other)
             )))
         }
     };
@@ -348,7 +416,8 @@ fn paginate(target: &Target, bytes: &[u8], query: &ListQuery) -> ApiResult<Respo
                     version_sort_key(&v.version, &v.arch)
                 )),
                 other => Err(ApiError::bad_request(format!(
-                    "sort_by must be version or uploaded_at, not {other:?}"
+                    "sort_by must be version or uploaded_at, not {}",
+                    quote(other)
                 ))),
             },
             "version",
@@ -379,7 +448,8 @@ pub fn package_sort_key(p: &json::PackageSummary, key: &str) -> Result<String, A
             p.name
         )),
         other => Err(ApiError::bad_request(format!(
-            "sort_by must be name or description, not {other:?}"
+            "sort_by must be name or description, not {}",
+            quote(other)
         ))),
     }
 }

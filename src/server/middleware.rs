@@ -76,9 +76,10 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
     // An address that has failed authentication too often is refused before
     // its key is looked at, so guessing gets no answer, right or wrong.
     let failures = &app.auth_failure_limiter;
-    let presents_key = req
-        .headers()
-        .contains_key(axum::http::header::AUTHORIZATION);
+    let presents_key = app.keys.is_some()
+        && req
+            .headers()
+            .contains_key(axum::http::header::AUTHORIZATION);
     if presents_key && failures.enabled() {
         let d = failures.peek(&ip);
         if !d.allowed {
@@ -148,13 +149,15 @@ fn too_many_failures(d: &super::ratelimit::Decision) -> Response {
 }
 
 async fn resolve(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    if app.keys.is_none() {
+        // A read-only server has no keys and never reads the header:
+        // everything it serves is public, and it refuses writes the same
+        // way whatever the header says.
+        return Ok(Caller::Anonymous);
+    }
     let Some(key) = presented_key(headers)? else {
         return Ok(Caller::Anonymous);
     };
-    if app.keys.is_none() {
-        // A read-only server has no keys: everything it serves is public.
-        return Ok(Caller::Anonymous);
-    }
     let app = app.clone();
     let found = tokio::task::spawn_blocking(move || {
         app.keys
@@ -174,6 +177,21 @@ async fn resolve(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError
             Err(e)
         }
     }
+}
+
+/// Wraps the write and key-management routes: on a `--read-only` server
+/// they answer 405 before their handlers run, whoever calls (see
+/// [`ApiError::read_only`]). `allow` is what the route's path still answers
+/// to there.
+pub async fn refuse_when_read_only(
+    State((app, allow)): State<(AppState, &'static str)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if app.settings.read_only {
+        return ApiError::read_only(allow).into_response();
+    }
+    next.run(req).await
 }
 
 fn add_rate_headers(h: &mut HeaderMap, d: &super::ratelimit::Decision) {

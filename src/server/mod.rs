@@ -191,7 +191,7 @@ impl App {
         let w = self
             .writer
             .as_ref()
-            .ok_or_else(|| PublishError::Invalid("this registry is read-only".into()))?;
+            .ok_or_else(|| PublishError::Invalid(error::READ_ONLY.into()))?;
         let mut map = w.committers.lock().await;
         if let Some(c) = map.get(&org.cloned()) {
             return Ok(c.clone());
@@ -231,46 +231,63 @@ pub fn router(state: AppState) -> Router {
         .allow_origin(Any)
         .allow_methods(Any)
         .allow_headers(Any);
+    // Writes and key management, marked here once: a `--read-only` server
+    // answers them 405 before authentication or a handler can say otherwise.
+    // A route layer wraps only the methods added before it, so the GETs
+    // added after (files of the tree) stay reads.
+    let write = |allow: &'static str| {
+        axum::middleware::from_fn_with_state(
+            (state.clone(), allow),
+            middleware::refuse_when_read_only,
+        )
+    };
+    let reads = "GET, HEAD";
     let api = Router::new()
         .route("/health", get(handlers::health))
         .route("/v1/search", get(handlers::packages::search))
         .route("/repos/{org}/v1/search", get(handlers::packages::search))
         .route(
             "/v1/auth/keys",
-            post(handlers::keys::create_key).get(handlers::keys::list_keys),
+            post(handlers::keys::create_key)
+                .get(handlers::keys::list_keys)
+                .route_layer(write("")),
         )
         .route(
             "/v1/auth/keys/{id}",
-            axum::routing::delete(handlers::keys::revoke_key),
+            axum::routing::delete(handlers::keys::revoke_key).route_layer(write("")),
         )
         .route(
             "/v1/auth/keys/{id}/publisher-key",
-            post(handlers::keys::register_publisher_key),
+            post(handlers::keys::register_publisher_key).route_layer(write("")),
         )
         .route(
             "/v1/auth/publisher-keys",
-            get(handlers::keys::list_publisher_keys),
+            get(handlers::keys::list_publisher_keys).route_layer(write("")),
         )
         .route(
             "/v1/auth/publisher-key",
-            post(handlers::keys::retired_publisher_key_route),
+            post(handlers::keys::retired_publisher_key_route).route_layer(write("")),
         )
         .route("/v1/auth/check", get(handlers::check::check_pull))
         .route(
             "/v1/packages/{name}/tags",
-            post(handlers::packages::set_tag).get(files::serve_tree),
+            post(handlers::packages::set_tag)
+                .route_layer(write(reads))
+                .get(files::serve_tree),
         )
         .route(
             "/repos/{org}/v1/packages/{name}/tags",
-            post(handlers::packages::set_tag).get(files::serve_tree),
+            post(handlers::packages::set_tag)
+                .route_layer(write(reads))
+                .get(files::serve_tree),
         )
         .route(
             "/v1/packages/{name}/{version}/{arch}",
-            axum::routing::delete(handlers::packages::delete_artifact),
+            axum::routing::delete(handlers::packages::delete_artifact).route_layer(write(reads)),
         )
         .route(
             "/repos/{org}/v1/packages/{name}/{version}/{arch}",
-            axum::routing::delete(handlers::packages::delete_artifact),
+            axum::routing::delete(handlers::packages::delete_artifact).route_layer(write(reads)),
         )
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(TimeoutLayer::with_status_code(
@@ -282,11 +299,15 @@ pub fn router(state: AppState) -> Router {
     let uploads = Router::new()
         .route(
             "/v1/packages/{name}/{version}/{arch}",
-            post(handlers::packages::upload).get(files::serve_tree),
+            post(handlers::packages::upload)
+                .route_layer(write(reads))
+                .get(files::serve_tree),
         )
         .route(
             "/repos/{org}/v1/packages/{name}/{version}/{arch}",
-            post(handlers::packages::upload).get(files::serve_tree),
+            post(handlers::packages::upload)
+                .route_layer(write(reads))
+                .get(files::serve_tree),
         )
         .layer(DefaultBodyLimit::disable());
     let routes = Router::new()

@@ -42,7 +42,7 @@ pub async fn check_pull(
         .ok_or_else(|| ApiError::bad_request("X-Original-URI header required"))?;
     let target = door::open(uri.as_bytes(), Spelling::Normalised)?;
     let Some(file) = target.file() else {
-        return Err(ApiError::not_found("no such file"));
+        return Err(target.not_found());
     };
     door::authorize_caller(&app, &caller, &target.access())?;
     let mut resp = StatusCode::OK.into_response();

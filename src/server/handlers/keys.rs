@@ -21,13 +21,12 @@ use crate::auth::{
 use crate::index::json::rfc3339;
 use crate::publish::unix_now;
 use crate::server::error::{ApiError, ApiResult};
+use crate::server::handlers::body::{json_body, Kind, Shape};
 use crate::server::middleware::Caller;
 use crate::server::AppState;
 
 fn keystore(app: &AppState) -> ApiResult<&KeyStore> {
-    app.keys
-        .as_ref()
-        .ok_or_else(|| ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this registry is read-only"))
+    app.keys.as_ref().ok_or_else(|| ApiError::read_only(""))
 }
 
 fn require_admin(caller: &Caller) -> ApiResult<&KeyRecord> {
@@ -75,6 +74,12 @@ pub struct CreateKey {
     scopes: Vec<String>,
 }
 
+/// The body of `POST /v1/auth/keys`.
+pub const CREATE_KEY: Shape = Shape {
+    example: r#"{"name": "ci-deploy", "scopes": ["push:my-*"]}"#,
+    fields: &[("name", Kind::String), ("scopes", Kind::Strings)],
+};
+
 /// `POST /v1/auth/keys` `{"name": "ci-deploy", "scopes": ["push:my-*"]}`
 pub async fn create_key(
     State(app): State<AppState>,
@@ -82,11 +87,7 @@ pub async fn create_key(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     require_admin(&caller)?;
-    let req: CreateKey = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "body must be {{\"name\": ..., \"scopes\": [...]}}: {e}"
-        ))
-    })?;
+    let req: CreateKey = json_body(&body, &CREATE_KEY)?;
     let scopes = Scopes::parse(&req.scopes).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let app2 = app.clone();
     let new = tokio::task::spawn_blocking(move || {
@@ -140,6 +141,12 @@ pub struct PublisherKey {
     public_key: String,
 }
 
+/// The body of `POST /v1/auth/keys/{id}/publisher-key`.
+pub const PUBLISHER_KEY: Shape = Shape {
+    example: r#"{"public_key": "<base64 of the 32-byte Ed25519 public key>"}"#,
+    fields: &[("public_key", Kind::String)],
+};
+
 /// `POST /v1/auth/keys/{id}/publisher-key` `{"public_key": "<base64>"}`
 /// (admin): registers, or replaces, the Ed25519 key that checks API key
 /// `id`'s `X-Niso-Signature` headers. From then on that key must sign every
@@ -152,11 +159,7 @@ pub async fn register_publisher_key(
 ) -> ApiResult<Response> {
     require_admin(&caller)?;
     let id = params.get("id").cloned().unwrap_or_default();
-    let req: PublisherKey = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "body must be {{\"public_key\": \"<base64 Ed25519 public key>\"}}: {e}"
-        ))
-    })?;
+    let req: PublisherKey = json_body(&body, &PUBLISHER_KEY)?;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(req.public_key.trim())
         .map_err(|_| ApiError::bad_request("public_key must be base64"))?;

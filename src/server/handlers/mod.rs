@@ -1,5 +1,6 @@
 //! Request handlers, one module per resource, named `<verb>_<resource>`.
 
+pub mod body;
 pub mod check;
 pub mod keys;
 pub mod packages;

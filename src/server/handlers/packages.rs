@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -21,14 +21,17 @@ use crate::publish::{unix_now, PublisherSignature, StagedFile, Upload};
 use crate::server::door::{self, Target};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::files::{self, json_response, ListQuery};
+use crate::server::handlers::body::{json_body, Kind, Shape};
 use crate::server::middleware::Caller;
 use crate::server::AppState;
 
-/// The repository a request is for, from the optional `{org}` segment.
+/// The repository a write is for, from the optional `{org}` segment. An
+/// invalid name is a 400 with the rule, as an invalid package name is: the
+/// request is wrong, not the repository missing.
 fn org_of(params: &HashMap<String, String>) -> ApiResult<Option<RepoName>> {
     params
         .get("org")
-        .map(|o| RepoName::new(o).map_err(|e| ApiError::not_found(e.to_string())))
+        .map(|o| RepoName::new(o).map_err(ApiError::from))
         .transpose()
 }
 
@@ -69,11 +72,10 @@ fn require<'a>(
 }
 
 fn parse_ids(params: &HashMap<String, String>) -> ApiResult<(PackageName, Version, Arch)> {
-    let bad = |e: crate::ident::IdentError| ApiError::bad_request(e.to_string());
     Ok((
-        PackageName::new(param(params, "name")).map_err(bad)?,
-        Version::new(param(params, "version")).map_err(bad)?,
-        Arch::new(param(params, "arch")).map_err(bad)?,
+        PackageName::new(param(params, "name"))?,
+        Version::new(param(params, "version"))?,
+        Arch::new(param(params, "arch"))?,
     ))
 }
 
@@ -85,12 +87,6 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    if app.settings.read_only {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "this registry is read-only",
-        ));
-    }
     let org = org_of(&params)?;
     let (name, version, arch) = parse_ids(&params)?;
     let key = require(&caller, Action::Push, org.as_ref(), &name)?;
@@ -390,6 +386,12 @@ pub struct TagRequest {
     version: String,
 }
 
+/// The body of `POST …/tags`.
+pub const TAG_REQUEST: Shape = Shape {
+    example: r#"{"tag": "stable", "version": "1.1.0"}"#,
+    fields: &[("tag", Kind::String), ("version", Kind::String)],
+};
+
 /// `POST /v1/packages/{name}/tags` `{"tag": "stable", "version": "1.1.0"}`
 pub async fn set_tag(
     State(app): State<AppState>,
@@ -398,16 +400,11 @@ pub async fn set_tag(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     let org = org_of(&params)?;
-    let name = PackageName::new(param(&params, "name"))
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let name = PackageName::new(param(&params, "name"))?;
     require(&caller, Action::Push, org.as_ref(), &name)?;
-    let req: TagRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "body must be {{\"tag\": ..., \"version\": ...}}: {e}"
-        ))
-    })?;
-    let tag = TagName::new(&req.tag).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let version = Version::new(&req.version).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let req: TagRequest = json_body(&body, &TAG_REQUEST)?;
+    let tag = TagName::new(&req.tag)?;
+    let version = Version::new(&req.version)?;
     let publisher = app.committer(org.as_ref()).await?.publisher().clone();
     let (n, t, v) = (name.clone(), tag.clone(), version.clone());
     publisher.set_tag(&n, &t, &v).await?;
@@ -423,8 +420,16 @@ pub async fn search(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(target): Extension<Target>,
-    Query(query): Query<ListQuery>,
+    query: ListQuery,
 ) -> ApiResult<Response> {
+    // `/repos/Team/v1/search` reaches this route too, but names no
+    // repository (and must not search the root one).
+    if target.resource != door::Resource::Search {
+        return Err(ApiError::not_found(match target.why_nothing() {
+            Some(why) => format!("no such repository: {why}"),
+            None => "no such repository".to_string(),
+        }));
+    }
     let org = target.repo.clone();
     door::authorize_caller(&app, &caller, &target.access())?;
     let term = query.q.clone().unwrap_or_default();
