@@ -5,6 +5,7 @@
 //! refused archive). Errors go to stderr prefixed `niso:`.
 
 mod keys;
+mod mirror;
 mod output;
 mod package;
 mod pull;
