@@ -209,6 +209,16 @@ struct CountingHost {
 
 impl CountingHost {
     fn start(root: &Path, archive_delay: Duration, redirect: Option<String>) -> Self {
+        Self::start_with(root, archive_delay, redirect, 0)
+    }
+
+    /// Answers every `busy_every`-th request with 429 (`Retry-After: 0`).
+    fn start_with(
+        root: &Path,
+        archive_delay: Duration,
+        redirect: Option<String>,
+        busy_every: usize,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -221,7 +231,9 @@ impl CountingHost {
                 }
                 let Ok(conn) = conn else { continue };
                 let (root, log, redirect) = (root.clone(), l.clone(), redirect.clone());
-                std::thread::spawn(move || serve_conn(conn, &root, &log, archive_delay, redirect));
+                std::thread::spawn(move || {
+                    serve_conn(conn, &root, &log, archive_delay, redirect, busy_every)
+                });
             }
         });
         Self { port, log, stop }
@@ -253,6 +265,7 @@ fn serve_conn(
     log: &RequestLog,
     delay: Duration,
     redirect: Option<String>,
+    busy_every: usize,
 ) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
@@ -278,7 +291,18 @@ fn serve_conn(
             }
         }
         let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
-        log.lock().unwrap().push((path.clone(), auth));
+        let n = {
+            let mut log = log.lock().unwrap();
+            log.push((path.clone(), auth));
+            log.len()
+        };
+        if busy_every > 0 && n % busy_every == 0 {
+            let _ = write!(
+                out,
+                "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n"
+            );
+            continue;
+        }
         if let Some(base) = &redirect {
             let _ = write!(
                 out,
@@ -759,6 +783,33 @@ fn a_mirror_killed_half_way_resumes_without_fetching_again() {
     assert!(temp_files(&dst).is_empty(), "{:?}", temp_files(&dst));
 }
 
+#[test]
+fn a_mirror_waits_when_the_source_asks_it_to_slow_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = hex_registry(tmp.path(), "acme", 12);
+    let key = dd.join("public/public_key");
+    // Every third request is turned away (429), as a rate-limited niso
+    // registry or a busy proxy does.
+    let host = CountingHost::start_with(&dd.join("public"), Duration::ZERO, None, 3);
+    let c = Client::new();
+    let dst = tmp.path().join("mirror");
+    let v = c.mirror(&[
+        "--from",
+        &host.url(),
+        "--to",
+        p(&dst),
+        "--public-key",
+        p(&key),
+        "--name",
+        "acme",
+    ]);
+    assert_eq!(v["fetched"], 12);
+    let requests = host.requests().len();
+    assert!(requests >= 3 * 12 / 2, "{requests}");
+    assert_verifies(&dst, &key, "acme");
+    assert_eq!(tree(&dd.join("public")), tree(&dst));
+}
+
 // ---------------------------------------------------------------------------
 // 3. While uploads land.
 
@@ -1097,7 +1148,7 @@ fn the_air_gapped_walk_through_of_the_readme_works() {
     for (name, url) in [("airgap", ro.url("")), ("airgap-nginx", nginx.url())] {
         let user = Client::new();
         user.add(name, &url, &["--public-key", p(&key)]);
-        let (o, _) = user.ok(&["pull", "my-app:1.1.0", "--arch", "x86_64"]);
+        let (o, _) = user.ok(&["pull", "my-app", "--arch", "x86_64"]);
         assert_eq!(
             std::fs::read(o.trim()).unwrap(),
             std::fs::read(fixture(V110)).unwrap()

@@ -363,7 +363,7 @@ impl Cache {
                 return Ok(bytes.clone());
             }
         }
-        let bytes = match source.transport.fetch(&d.path, limit) {
+        let bytes = match fetch_patiently(source, &d.path, limit) {
             Ok(b) => b,
             Err(TransportError::NotFound { .. }) => return Err(Fail::Moved(d.path.clone())),
             Err(e) => return Err(e.into()),
@@ -401,6 +401,60 @@ fn pool(jobs: usize) -> Result<rayon::ThreadPool, MirrorError> {
         })
 }
 
+/// How long one request the server keeps turning away (busy, rate
+/// limited) is waited for before the mirror gives up.
+const BUSY_BUDGET: Duration = Duration::from_secs(600);
+
+/// The longest single wait before trying such a request again.
+const BUSY_MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Said once per process: the rest go to the debug log.
+static BUSY_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Waits before trying again a request the server turned away: as long as
+/// it asked (`Retry-After`), or half a second doubling each time, plus up
+/// to a quarter second at random so the download threads do not come back
+/// all at once. `waited` is this request's total so far; returns false
+/// when the budget is spent.
+fn busy_pause(waited: &mut Duration, retry_after: Option<u64>, location: &str) -> bool {
+    if *waited >= BUSY_BUDGET {
+        return false;
+    }
+    let backoff = Duration::from_millis(500)
+        .saturating_mul(1 << (waited.as_secs() / 2).min(6))
+        .min(BUSY_MAX_WAIT);
+    let wait = retry_after
+        .map(Duration::from_secs)
+        .unwrap_or(backoff)
+        .min(BUSY_MAX_WAIT)
+        + Duration::from_millis(rand::random::<u64>() % 250);
+    if BUSY_SAID.swap(true, Ordering::Relaxed) {
+        tracing::debug!("{location}: busy, waiting {:.1} s", wait.as_secs_f64());
+    } else {
+        tracing::warn!(
+            "{location}: the server asks to slow down; waiting as it says (a niso registry limits anonymous reads per address: --rate-limit-ip)"
+        );
+    }
+    std::thread::sleep(wait);
+    *waited += wait;
+    true
+}
+
+/// `fetch`, tried again while the server is busy.
+fn fetch_patiently(source: &Source, path: &str, limit: u64) -> Result<Vec<u8>, TransportError> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match source.transport.fetch(path, limit) {
+            Err(TransportError::Busy {
+                location,
+                retry_after,
+                ..
+            }) if busy_pause(&mut waited, retry_after, &location) => {}
+            r => return r,
+        }
+    }
+}
+
 /// `niso/packages/NAME` or `packages/NAME` of a valid name, and which.
 fn index_file(path: &str) -> Option<(bool, PackageName)> {
     let (niso, name) = match path.strip_prefix(&format!("{}/", layout::NISO_PACKAGES_DIR)) {
@@ -430,7 +484,7 @@ fn take_snapshot(
 ) -> Result<Snapshot, Fail> {
     let limit = limits.max_index;
     let fresh_location = source.location(layout::FRESHNESS);
-    let record_bytes = match source.transport.fetch(layout::FRESHNESS, limit) {
+    let record_bytes = match fetch_patiently(source, layout::FRESHNESS, limit) {
         Ok(b) => b,
         Err(TransportError::NotFound { location }) => {
             return Err(ReadError::NotARegistry { location }.into())
@@ -654,7 +708,7 @@ fn take_snapshot(
 
     // The key file is not in the record: it must be the key everything was
     // verified with.
-    let public_key = match source.transport.fetch(layout::PUBLIC_KEY, 1 << 20) {
+    let public_key = match fetch_patiently(source, layout::PUBLIC_KEY, 1 << 20) {
         Ok(b) => match PublicKey::from_pem(&b, layout::PUBLIC_KEY) {
             Ok(k) if k == source.key => Some(b),
             Ok(k) => {
@@ -765,6 +819,7 @@ fn download(source: &Source, w: &Wanted, out: &mut File, limits: &Limits) -> Res
     let location = source.location(&w.path);
     let artifact = w.as_artifact();
     let mut tries = 0;
+    let mut waited = Duration::ZERO;
     loop {
         tries += 1;
         out.set_len(0)
@@ -772,8 +827,10 @@ fn download(source: &Source, w: &Wanted, out: &mut File, limits: &Limits) -> Res
         out.rewind()
             .map_err(io_err("rewind", Path::new(&location)))?;
         let (n, digest) = {
+            // Sized to the archive (a large buffer costs an mmap each time).
+            let capacity = usize::try_from(w.size.clamp(8 << 10, 256 << 10)).unwrap_or(8 << 10);
             let mut hashing = Hashing {
-                inner: io::BufWriter::with_capacity(256 * 1024, &mut *out),
+                inner: io::BufWriter::with_capacity(capacity, &mut *out),
                 hasher: Sha256::new(),
             };
             let n = match source.transport.fetch_to(&w.path, &mut hashing, w.size) {
@@ -786,6 +843,14 @@ fn download(source: &Source, w: &Wanted, out: &mut File, limits: &Limits) -> Res
                         expected: w.size,
                     }
                     .into())
+                }
+                Err(TransportError::Busy {
+                    location,
+                    retry_after,
+                    ..
+                }) if busy_pause(&mut waited, retry_after, &location) => {
+                    tries -= 1;
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -803,7 +868,7 @@ fn download(source: &Source, w: &Wanted, out: &mut File, limits: &Limits) -> Res
     }
     out.rewind().map_err(io_err("read", Path::new(&location)))?;
     let info =
-        archive::inspect(BufReader::with_capacity(64 * 1024, &mut *out), limits).map_err(|e| {
+        archive::inspect(BufReader::with_capacity(16 << 10, &mut *out), limits).map_err(|e| {
             ReadError::ArchiveContent {
                 path: location.clone(),
                 reason: format!("not a valid archive: {e}"),
@@ -891,6 +956,13 @@ pub struct DirTarget {
     is_root: bool,
     temp: AtomicU64,
     stamp: AtomicU64,
+    /// syncfs calls and the time they took (for the debug log).
+    syncs: AtomicU64,
+    sync_ns: AtomicU64,
+}
+
+fn elapsed_ns(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl DirTarget {
@@ -906,6 +978,8 @@ impl DirTarget {
             is_root: org.is_none(),
             temp: AtomicU64::new(0),
             stamp: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            sync_ns: AtomicU64::new(0),
         }
     }
 
@@ -989,9 +1063,10 @@ impl DirTarget {
         }
     }
 
-    /// A new temp file beside `full` (named as the store names its own, so
-    /// a later run or `serve` cleans it up and never serves it).
-    fn temp_beside(&self, full: &Path) -> Result<(PathBuf, File), MirrorError> {
+    /// A name for a temp file beside `full`, its directory made (named as
+    /// the store names its own, so a later run or `serve` cleans it up and
+    /// never serves it; unique to this process).
+    fn temp_name(&self, full: &Path) -> Result<PathBuf, MirrorError> {
         let dir = full
             .parent()
             .ok_or_else(|| io_err("write", full)(io::Error::other("no parent directory")))?;
@@ -1001,7 +1076,12 @@ impl DirTarget {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let n = self.temp.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".tmp-{}-m{n}-{name}", std::process::id()));
+        Ok(dir.join(format!(".tmp-{}-m{n}-{name}", std::process::id())))
+    }
+
+    /// A new temp file beside `full`.
+    fn temp_beside(&self, full: &Path) -> Result<(PathBuf, File), MirrorError> {
+        let tmp = self.temp_name(full)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1012,7 +1092,11 @@ impl DirTarget {
     }
 
     fn sync(&self) -> Result<(), MirrorError> {
-        sync_file_system(&self.top)
+        let t = std::time::Instant::now();
+        let r = sync_file_system(&self.top);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.sync_ns.fetch_add(elapsed_ns(t), Ordering::Relaxed);
+        r
     }
 
     /// Fetches one archive into place, unless it is there already.
@@ -1047,9 +1131,8 @@ impl DirTarget {
             if same_file(&src, &dst) {
                 continue;
             }
-            let (tmp, _) = self.temp_beside(&dst)?;
+            let tmp = self.temp_name(&dst)?;
             let guard = TempGuard(Some(tmp.clone()));
-            fs::remove_file(&tmp).map_err(io_err("replace", &tmp))?;
             if fs::hard_link(&src, &tmp).is_err() {
                 fs::copy(&src, &tmp).map_err(io_err("copy to", &tmp))?;
                 let f = OpenOptions::new()
@@ -1236,6 +1319,7 @@ pub fn mirror_to_dir(
     options: &Options,
     progress: &dyn Progress,
 ) -> Result<Summary, MirrorError> {
+    let started = std::time::Instant::now();
     let have = target.check(source)?;
     clean_leftovers(&target.top)?;
     let pool = pool(options.jobs)?;
@@ -1248,6 +1332,7 @@ pub fn mirror_to_dir(
     let fetched: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let bytes = AtomicU64::new(0);
     let mut restarts = 0;
+    let mut archives_from = Duration::ZERO;
     let (snap, wanted) = settle(
         source,
         &cache,
@@ -1265,6 +1350,7 @@ pub fn mirror_to_dir(
                 }
             }
             let wanted = snap.wanted(|p| source.location(p))?;
+            archives_from = started.elapsed();
             // Which are missing is known only once each present one is
             // hashed: report them all, and count the kept ones.
             let total: u64 = wanted.iter().map(|w| w.size).sum();
@@ -1331,9 +1417,23 @@ pub fn mirror_to_dir(
         keep.extend(stage.iter().map(|(p, _)| p.clone()));
     }
 
+    let fetched_at = started.elapsed();
     let linked = target.links(&links)?;
+    let linked_at = started.elapsed();
     let written = linked + target.stages(&[&docs, &globals, &snap.bins, &last], linked > 0)?;
+    let written_at = started.elapsed();
     summary.files_removed = target.remove_stale(&keep)?;
+    tracing::debug!(
+        "mirror of {}: indexes {} ms, archives {} ms, links {} ms, indexes and documents {} ms, removals {} ms; {} syncfs took {} ms",
+        source.repository,
+        archives_from.as_millis(),
+        (fetched_at - archives_from).as_millis(),
+        (linked_at - fetched_at).as_millis(),
+        (written_at - linked_at).as_millis(),
+        (started.elapsed() - written_at).as_millis(),
+        target.syncs.load(Ordering::Relaxed),
+        target.sync_ns.load(Ordering::Relaxed) / 1_000_000
+    );
 
     summary.generation = snap.generation;
     summary.expired = snap.expired;
@@ -1394,13 +1494,21 @@ pub fn mirror_to_registry(
         Err(SessionError::Read(ReadError::NoOrganization { .. })) => None,
         Err(e) => return Err(e.into()),
     };
-    let published = par_try(&pool, &snap.packages, |p| match &dest_fresh {
-        Some(f) => target
-            .session
-            .reader
-            .package(f, &p.name)
-            .map_err(|e| MirrorError::DestinationRead(e.into())),
-        None => Ok(None),
+    let published = par_try(&pool, &snap.packages, |p| {
+        let Some(f) = &dest_fresh else {
+            return Ok(None);
+        };
+        let mut waited = Duration::ZERO;
+        loop {
+            match target.session.reader.package(f, &p.name) {
+                Err(ReadError::Transport(TransportError::Busy {
+                    location,
+                    retry_after,
+                    ..
+                })) if busy_pause(&mut waited, retry_after, &location) => {}
+                r => return r.map_err(|e| MirrorError::DestinationRead(e.into())),
+            }
+        }
     })?;
 
     let mut summary = Summary {
