@@ -1124,12 +1124,15 @@ impl DirTarget {
     /// Makes each `to` a hard link of `from` (a copy where links fail),
     /// skipping those that already are; returns how many changed. Not
     /// synced: the next [`Self::stages`] syncs them with its temp files.
-    fn links(&self, links: &[(String, String)]) -> Result<usize, MirrorError> {
-        let mut changed = 0;
-        for (from, to) in links {
+    fn links(
+        &self,
+        pool: &rayon::ThreadPool,
+        links: &[(String, String)],
+    ) -> Result<usize, MirrorError> {
+        let changed = par_try(pool, links, |(from, to)| {
             let (src, dst) = (self.full(from), self.full(to));
             if same_file(&src, &dst) {
-                continue;
+                return Ok(false);
             }
             let tmp = self.temp_name(&dst)?;
             let guard = TempGuard(Some(tmp.clone()));
@@ -1145,9 +1148,9 @@ impl DirTarget {
             }
             fs::rename(&tmp, &dst).map_err(io_err("rename into", &dst))?;
             guard.keep();
-            changed += 1;
-        }
-        Ok(changed)
+            Ok::<_, MirrorError>(true)
+        })?;
+        Ok(changed.into_iter().filter(|c| *c).count())
     }
 
     /// Writes the files whose bytes differ from what is there, stage after
@@ -1155,14 +1158,18 @@ impl DirTarget {
     /// makes the links before it durable), then each stage's renames
     /// followed by a sync, so no stage is visible before the one it needs.
     /// Returns how many files changed.
-    fn stages(&self, stages: &[&[(String, Vec<u8>)]], pending: bool) -> Result<usize, MirrorError> {
+    fn stages(
+        &self,
+        pool: &rayon::ThreadPool,
+        stages: &[&[(String, Vec<u8>)]],
+        pending: bool,
+    ) -> Result<usize, MirrorError> {
         let mut temps: Vec<Vec<(TempGuard, PathBuf)>> = Vec::new();
         for files in stages {
-            let mut stage = Vec::new();
-            for (rel, bytes) in files.iter() {
+            let written = par_try(pool, files, |(rel, bytes)| {
                 let full = self.full(rel);
                 let old = match fs::read(&full) {
-                    Ok(b) if b == *bytes => continue,
+                    Ok(b) if b == *bytes => return Ok(None),
                     Ok(_) => fs::metadata(&full).ok().and_then(|m| m.modified().ok()),
                     Err(_) => None,
                 };
@@ -1171,9 +1178,9 @@ impl DirTarget {
                 file.write_all(bytes).map_err(io_err("write", &tmp))?;
                 file.set_times(fs::FileTimes::new().set_modified(self.next_stamp(old)))
                     .map_err(io_err("stamp", &tmp))?;
-                stage.push((guard, full));
-            }
-            temps.push(stage);
+                Ok::<_, MirrorError>(Some((guard, full)))
+            })?;
+            temps.push(written.into_iter().flatten().collect());
         }
         let n: usize = temps.iter().map(Vec::len).sum();
         if n == 0 && !pending {
@@ -1321,6 +1328,9 @@ pub fn mirror_to_dir(
 ) -> Result<Summary, MirrorError> {
     let started = std::time::Instant::now();
     let have = target.check(source)?;
+    // Nothing there before: nothing to remove after (unless the source
+    // moved on under this run, which may leave archives no index names).
+    let was_empty = fs::read_dir(&target.root).map_or(true, |mut d| d.next().is_none());
     clean_leftovers(&target.top)?;
     let pool = pool(options.jobs)?;
     let cache = Cache::default();
@@ -1418,11 +1428,14 @@ pub fn mirror_to_dir(
     }
 
     let fetched_at = started.elapsed();
-    let linked = target.links(&links)?;
+    let linked = target.links(&pool, &links)?;
     let linked_at = started.elapsed();
-    let written = linked + target.stages(&[&docs, &globals, &snap.bins, &last], linked > 0)?;
+    let written =
+        linked + target.stages(&pool, &[&docs, &globals, &snap.bins, &last], linked > 0)?;
     let written_at = started.elapsed();
-    summary.files_removed = target.remove_stale(&keep)?;
+    if !(was_empty && restarts == 0) {
+        summary.files_removed = target.remove_stale(&keep)?;
+    }
     tracing::debug!(
         "mirror of {}: indexes {} ms, archives {} ms, links {} ms, indexes and documents {} ms, removals {} ms; {} syncfs took {} ms",
         source.repository,
