@@ -82,16 +82,21 @@ impl Client {
         self.ok(&args);
     }
 
-    /// `mirror … --json`: the one `mirrored` line (exit 0).
+    /// `mirror … --json`: the root repository's `mirrored` line (exit 0).
     fn mirror(&self, args: &[&str]) -> Value {
+        self.mirror_all(args).remove(0)
+    }
+
+    /// `mirror … --json`: one `mirrored` line per repository (exit 0).
+    fn mirror_all(&self, args: &[&str]) -> Vec<Value> {
         let mut all = vec!["registry", "mirror"];
         all.extend_from_slice(args);
         all.push("--json");
         let (o, _) = self.ok(&all);
         let lines = json_lines(&o);
-        assert_eq!(lines.len(), 1, "{o}");
-        assert_eq!(lines[0]["type"], "mirrored");
-        lines[0].clone()
+        assert!(!lines.is_empty(), "{o}");
+        assert!(lines.iter().all(|l| l["type"] == "mirrored"), "{o}");
+        lines
     }
 }
 
@@ -496,9 +501,17 @@ fn a_directory_mirror_is_a_verbatim_copy_kept_up_to_date() {
     }
     c.ok(&["push", p(&fixtures().join("hex/jason-1.4.4.tar"))]);
     c.ok(&["tag", "my-app:1.0.0", "my-app:stable"]);
+    c.ok(&["push", p(&fixture(V100)), "--org", "team"]);
 
     let dst = tmp.path().join("mirror");
-    let v = c.mirror(&["--from", "src", "--to", p(&dst)]);
+    // An organization's repository too, read with the stored key.
+    let all = c.mirror_all(&["--from", "src", "--to", p(&dst), "--org", "team"]);
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        (all[1]["repository"].as_str(), all[1]["prefix"].as_str()),
+        (Some("team"), Some("repos/team"))
+    );
+    let v = &all[0];
     assert_eq!(
         (v["archives"].as_u64(), v["fetched"].as_u64()),
         (Some(4), Some(4))
@@ -514,7 +527,7 @@ fn a_directory_mirror_is_a_verbatim_copy_kept_up_to_date() {
     assert!(temp_files(&dst).is_empty(), "{:?}", temp_files(&dst));
 
     // Again: nothing fetched but the indexes, nothing written.
-    let v = c.mirror(&["--from", "src", "--to", p(&dst)]);
+    let v = c.mirror(&["--from", "src", "--to", p(&dst), "--org", "team"]);
     assert_eq!(
         (v["fetched"].as_u64(), v["kept"].as_u64()),
         (Some(0), Some(4))
@@ -546,7 +559,7 @@ fn a_directory_mirror_is_a_verbatim_copy_kept_up_to_date() {
         .unwrap();
     assert!(r.status().is_success());
     c.ok(&["tag", "my-app:1.1.0", "my-app:stable"]);
-    let v = c.mirror(&["--from", "src", "--to", p(&dst)]);
+    let v = c.mirror(&["--from", "src", "--to", p(&dst), "--org", "team"]);
     assert_eq!(
         (v["fetched"].as_u64(), v["kept"].as_u64()),
         (Some(1), Some(3))
@@ -968,7 +981,17 @@ fn a_registry_mirror_uploads_through_the_api_and_the_destination_re_signs() {
 
     // The mirroring key has no publisher key at the destination: the signed
     // archive (and the tag on its version) cannot be mirrored; the rest is.
-    let out = c.run(&["registry", "mirror", "--from", "src", "--to", "dst"]);
+    c.ok(&[
+        "push",
+        p(&fixture(V110)),
+        "--org",
+        "team",
+        "--registry",
+        "src",
+    ]);
+    let out = c.run(&[
+        "registry", "mirror", "--from", "src", "--to", "dst", "--org", "team",
+    ]);
     let (o, e) = texts(&out);
     assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
     assert!(
@@ -981,7 +1004,16 @@ fn a_registry_mirror_uploads_through_the_api_and_the_destination_re_signs() {
         "{e}"
     );
     assert!(o.contains("(3 uploaded, 0 already there)"), "{o}");
+    assert!(o.contains("Mirrored organization team (generation "), "{o}");
+    assert!(
+        o.contains("into dst: 1 archives (1 uploaded, 0 already there)"),
+        "{o}"
+    );
     b.assert_tree_verifies();
+    assert!(b
+        .tree()
+        .join("repos/team/archives/my-app-1.1.0-x86_64.niso")
+        .is_file());
     // The destination signs with its own key: the copy verifies with it,
     // not with the source's.
     let (code, _) = verify(&b.tree(), &a.tree().join("public_key"), "acme", &[]);

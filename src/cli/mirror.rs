@@ -387,10 +387,14 @@ impl MirrorArgs {
             ctx.emit("mirrored", v);
             return;
         }
+        let who = if place.is_empty() {
+            s.repository.clone()
+        } else {
+            format!("organization {}", s.repository)
+        };
         let mut text = match to {
             To::Dir(_) => format!(
-                "Mirrored {place}{} (generation {}) to {dest}: {} packages, {} releases, {} archives ({} fetched, {} already there), {}; {} files written, {} removed",
-                s.repository,
+                "Mirrored {who} (generation {}) to {dest}: {} packages, {} releases, {} archives ({} fetched, {} already there), {}; {} files written, {} removed",
                 s.generation,
                 s.packages,
                 s.releases,
@@ -402,8 +406,7 @@ impl MirrorArgs {
                 s.files_removed
             ),
             To::Registry(_) => format!(
-                "Mirrored {place}{} (generation {}) into {dest}: {} archives ({} uploaded, {} already there), {}; {} tags set",
-                s.repository,
+                "Mirrored {who} (generation {}) into {dest}: {} archives ({} uploaded, {} already there), {}; {} tags set",
                 s.generation,
                 s.archives,
                 s.fetched,

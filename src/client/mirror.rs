@@ -75,8 +75,15 @@ use crate::index::{json, pb, PublicKey};
 use crate::limits::Limits;
 
 /// How many times the walk starts over because the source changed under it
-/// before the mirror gives up.
-pub const MAX_RESTARTS: usize = 30;
+/// before the mirror gives up. A source taking uploads back to back is
+/// always in the middle of a commit (its `versions` is renamed before its
+/// `freshness`), so a walk may need many tries; each one fetches only what
+/// changed.
+pub const MAX_RESTARTS: usize = 100;
+
+/// How many contents of one path the cache keeps: a record read now may
+/// name the bytes of a path fetched a few tries ago, during its commit.
+const CACHE_VERSIONS: usize = 4;
 
 /// The default number of downloads (or uploads) at once.
 pub const DEFAULT_JOBS: usize = 8;
@@ -340,14 +347,16 @@ fn matches(d: &pb::FileDigest, bytes: &[u8]) -> bool {
 }
 
 /// Index files fetched so far, by path, with the digest of what was
-/// fetched: a restart reuses every file whose digest the new record names.
+/// fetched (the last few contents of each): a restart reuses every file
+/// whose digest the new record names.
 #[derive(Default)]
 struct Cache {
     files: Mutex<Files>,
     fetches: AtomicUsize,
 }
 
-type Files = HashMap<String, (Vec<u8>, Vec<u8>)>;
+/// Path → (SHA-256, bytes), newest last.
+type Files = HashMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
 
 impl Cache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Files> {
@@ -358,8 +367,11 @@ impl Cache {
     /// The file the digest names: from the cache, or fetched. Bytes that do
     /// not match (or a file that is gone) mean the source moved on.
     fn get(&self, source: &Source, d: &pb::FileDigest, limit: u64) -> Result<Vec<u8>, Fail> {
-        if let Some((digest, bytes)) = self.lock().get(&d.path) {
-            if *digest == d.sha256 && bytes.len() as u64 == d.length {
+        if let Some(seen) = self.lock().get(&d.path) {
+            let hit = seen
+                .iter()
+                .find(|(digest, bytes)| *digest == d.sha256 && bytes.len() as u64 == d.length);
+            if let Some((_, bytes)) = hit {
                 return Ok(bytes.clone());
             }
         }
@@ -371,7 +383,15 @@ impl Cache {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let ok = matches(d, &bytes);
         let digest = Sha256::digest(&bytes).to_vec();
-        self.lock().insert(d.path.clone(), (digest, bytes.clone()));
+        {
+            let mut files = self.lock();
+            let seen = files.entry(d.path.clone()).or_default();
+            seen.retain(|(other, _)| *other != digest);
+            if seen.len() >= CACHE_VERSIONS {
+                seen.remove(0);
+            }
+            seen.push((digest, bytes.clone()));
+        }
         if ok {
             Ok(bytes)
         } else {
@@ -783,9 +803,10 @@ fn settle<T>(
                     });
                 }
                 tracing::info!("{path} changed while it was read; reading the source again");
-                // A source in the middle of a publish settles within
-                // milliseconds; back off a little more each time.
-                let pause = 20u64.saturating_mul(*restarts as u64).min(1000);
+                // Time for a commit in progress to land its record (a
+                // few milliseconds); at random, so as not to fall into step
+                // with a source committing at a steady pace.
+                let pause = 10 + rand::random::<u64>() % 40;
                 std::thread::sleep(Duration::from_millis(pause));
             }
         }
