@@ -480,8 +480,8 @@ struct Bar {
 impl Bar {
     fn new(show: bool) -> Self {
         let bar = show.then(|| {
+            // Drawn from the first `fetching`, once there is something to show.
             let b = indicatif::ProgressBar::hidden();
-            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             let style = indicatif::ProgressStyle::with_template(
                 "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
             )
@@ -500,6 +500,9 @@ impl Progress for Bar {
             b.reset();
             b.set_length(bytes);
             b.set_message(format!("Mirroring {repository}: {count} archives"));
+            if b.is_hidden() {
+                b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
         }
     }
 
