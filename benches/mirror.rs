@@ -47,7 +47,8 @@ usage: cargo bench --bench mirror -- [options]
   --versions V     releases per package (default 5)
   --payload BYTES  size of each archive's entrypoint (default 4096)
   --rounds R       timed rounds of each tool (default 3)
-  --jobs J         the mirror's --jobs (default: its own default)
+  --jobs J[,J...]  the mirror's --jobs; several are each timed every round
+                   (default: the mirror's own default)
   --dir PATH       where to create the trees (default: the temp dir)
   --niso PATH      the niso binary to run (default: the one cargo built)
   --out PATH       report file (default: target/bench-mirror.md)
@@ -59,7 +60,8 @@ struct Config {
     versions: usize,
     payload: usize,
     rounds: usize,
-    jobs: Option<usize>,
+    /// The mirror's `--jobs` values to time (`None`: its default).
+    jobs: Vec<Option<usize>>,
     dir: PathBuf,
     niso: PathBuf,
     out: PathBuf,
@@ -73,7 +75,7 @@ fn parse_args() -> Result<Config> {
         versions: 5,
         payload: 4096,
         rounds: 3,
-        jobs: None,
+        jobs: Vec::new(),
         dir: std::env::temp_dir(),
         niso: PathBuf::from(env!("CARGO_BIN_EXE_niso")),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-mirror.md"),
@@ -99,7 +101,11 @@ fn parse_args() -> Result<Config> {
             "--versions" => cfg.versions = value("--versions")?.parse()?,
             "--payload" => cfg.payload = value("--payload")?.parse()?,
             "--rounds" => cfg.rounds = value("--rounds")?.parse()?,
-            "--jobs" => cfg.jobs = Some(value("--jobs")?.parse()?),
+            "--jobs" => {
+                for j in value("--jobs")?.split(',') {
+                    cfg.jobs.push(Some(j.trim().parse()?));
+                }
+            }
             "--dir" => cfg.dir = value("--dir")?.into(),
             "--niso" => cfg.niso = value("--niso")?.into(),
             "--out" => cfg.out = value("--out")?.into(),
@@ -110,6 +116,9 @@ fn parse_args() -> Result<Config> {
             }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
+    }
+    if cfg.jobs.is_empty() {
+        cfg.jobs.push(None);
     }
     if cfg.packages == 0 || cfg.versions == 0 || cfg.rounds == 0 {
         return Err("--packages, --versions and --rounds must be at least 1".into());
@@ -399,7 +408,7 @@ fn main() -> Result<()> {
     let url = format!("http://127.0.0.1:{}", web.port);
     let rsync_url = format!("rsync://127.0.0.1:{}/tree/", rsyncd.port);
     let key = tree.join("public_key");
-    let mirror_cmd = |to: &Path| {
+    let mirror_cmd = |to: &Path, jobs: Option<usize>| {
         let mut c = Command::new(&cfg.niso);
         c.args(["registry", "mirror", "--from", &url, "--to"])
             .arg(to)
@@ -407,7 +416,7 @@ fn main() -> Result<()> {
             .arg(&key)
             .args(["--name", "bench", "--json"])
             .env_remove("NISO_LOG");
-        if let Some(j) = cfg.jobs {
+        if let Some(j) = jobs {
             c.args(["--jobs", &j.to_string()]);
         }
         c
@@ -420,71 +429,103 @@ fn main() -> Result<()> {
         c
     };
 
-    // 3. Rounds, alternating which tool goes first.
+    // 3. Rounds, rotating which tool goes first.
+    let label = |j: &Option<usize>| match j {
+        Some(j) => format!("mirror --jobs {j}"),
+        None => "mirror".to_string(),
+    };
     writeln!(
         report,
-        "Commands (fresh destination each round; rsync from an rsync daemon, the mirror from nginx, both on 127.0.0.1):\n\n    rsync -a {rsync_url} DIR/\n    niso registry mirror --from {url} --to DIR --public-key public_key --name bench --json{}\n",
-        cfg.jobs.map(|j| format!(" --jobs {j}")).unwrap_or_default()
+        "Commands (fresh destination each time; rsync from an rsync daemon, the mirror from nginx, both on 127.0.0.1):\n\n    rsync -a {rsync_url} DIR/\n    niso registry mirror --from {url} --to DIR --public-key public_key --name bench --json [--jobs J]\n"
     )?;
-    writeln!(
-        report,
-        "| round | rsync -a s (CPU s) | mirror s (CPU s) | mirror / rsync | mirror: archives fetched, files written, index fetches |\n|---:|---:|---:|---:|---|"
-    )?;
-    let mut ratios = Vec::new();
+    let mut header = "| round | rsync -a s (CPU s) |".to_string();
+    let mut rule = "|---:|---:|".to_string();
+    for j in &cfg.jobs {
+        header.push_str(&format!(" {} s (CPU s) | / rsync |", label(j)));
+        rule.push_str("---:|---:|");
+    }
+    writeln!(report, "{header}\n{rule}")?;
+    let tools = cfg.jobs.len() + 1;
     let mut rsync_walls = Vec::new();
-    let mut mirror_walls = Vec::new();
+    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); cfg.jobs.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); cfg.jobs.len()];
+    let mut counts = String::new();
     for r in 0..cfg.rounds {
-        let rs_dir = base.join(format!("rsync-{r}"));
-        let mi_dir = base.join(format!("mirror-{r}"));
-        let (rs, mi) = if r % 2 == 0 {
-            let rs = run_measured(&mut rsync_cmd(&rs_dir))?;
-            let mi = run_measured(&mut mirror_cmd(&mi_dir))?;
-            (rs, mi)
+        // Tool 0 is rsync, tool k the k-th mirror setting; each round
+        // starts with the next one.
+        let mut runs: Vec<Option<ChildRun>> = (0..tools).map(|_| None).collect();
+        for step in 0..tools {
+            let t = (r + step) % tools;
+            let run = if t == 0 {
+                run_measured(&mut rsync_cmd(&base.join(format!("rsync-{r}"))))?
+            } else {
+                let to = base.join(format!("mirror-{r}-{t}"));
+                run_measured(&mut mirror_cmd(&to, cfg.jobs[t - 1]))?
+            };
+            runs[t] = Some(run);
+        }
+        let runs: Vec<ChildRun> = runs.into_iter().flatten().collect();
+        let rs = &runs[0];
+        let first = if r % tools == 0 {
+            "rsync".to_string()
         } else {
-            let mi = run_measured(&mut mirror_cmd(&mi_dir))?;
-            let rs = run_measured(&mut rsync_cmd(&rs_dir))?;
-            (rs, mi)
+            label(&cfg.jobs[r % tools - 1])
         };
-        let v: serde_json::Value = serde_json::from_str(mi.stdout.lines().next().unwrap_or("{}"))?;
-        let ratio = mi.wall.as_secs_f64() / rs.wall.as_secs_f64();
-        eprintln!(
-            "round {r}: rsync {:.2} s, mirror {:.2} s (×{ratio:.2})",
-            rs.wall.as_secs_f64(),
-            mi.wall.as_secs_f64()
+        let mut row = format!(
+            "| {} ({first} first) | {} ({}) |",
+            r + 1,
+            secs(rs.wall),
+            secs(rs.cpu)
         );
+        rsync_walls.push(rs.wall.as_secs_f64());
+        let mut line = format!("round {r}: rsync {:.2} s", rs.wall.as_secs_f64());
+        for (k, mi) in runs[1..].iter().enumerate() {
+            let ratio = mi.wall.as_secs_f64() / rs.wall.as_secs_f64();
+            row.push_str(&format!(
+                " {} ({}) | ×{ratio:.2} |",
+                secs(mi.wall),
+                secs(mi.cpu)
+            ));
+            line.push_str(&format!(
+                ", {} {:.2} s (×{ratio:.2})",
+                label(&cfg.jobs[k]),
+                mi.wall.as_secs_f64()
+            ));
+            walls[k].push(mi.wall.as_secs_f64());
+            ratios[k].push(ratio);
+            if r == 0 && k == 0 {
+                let v: serde_json::Value =
+                    serde_json::from_str(mi.stdout.lines().next().unwrap_or("{}"))?;
+                counts = format!(
+                    "Each mirror fetched {} archives and {} index files and wrote {} other files (links, indexes, documents).",
+                    v["fetched"], v["index_fetches"], v["files_written"]
+                );
+            }
+        }
+        eprintln!("{line}");
+        writeln!(report, "{row}")?;
+    }
+    writeln!(report, "\n{counts}\n")?;
+    writeln!(
+        report,
+        "Medians (nearest rank): rsync {:.2} s.",
+        percentile(&rsync_walls, 50.0)
+    )?;
+    for (k, j) in cfg.jobs.iter().enumerate() {
+        let med = percentile(&ratios[k], 50.0);
         writeln!(
             report,
-            "| {} {} | {} ({}) | {} ({}) | ×{ratio:.2} | {}, {}, {} |",
-            r + 1,
-            if r % 2 == 0 {
-                "(rsync first)"
-            } else {
-                "(mirror first)"
-            },
-            secs(rs.wall),
-            secs(rs.cpu),
-            secs(mi.wall),
-            secs(mi.cpu),
-            v["fetched"],
-            v["files_written"],
-            v["index_fetches"]
+            "{}: {:.2} s, median ratio ×{med:.2} (target: at most ×1.5, {}).",
+            label(j),
+            percentile(&walls[k], 50.0),
+            if med <= 1.5 { "met" } else { "not met" }
         )?;
-        ratios.push(ratio);
-        rsync_walls.push(rs.wall.as_secs_f64());
-        mirror_walls.push(mi.wall.as_secs_f64());
     }
-    let med = percentile(&ratios, 50.0);
-    writeln!(
-        report,
-        "\nMedians (nearest rank): rsync {:.2} s, mirror {:.2} s; median ratio ×{med:.2} (target: at most ×1.5, {}).\n",
-        percentile(&rsync_walls, 50.0),
-        percentile(&mirror_walls, 50.0),
-        if med <= 1.5 { "met" } else { "not met" }
-    )?;
+    writeln!(report)?;
 
     // 4. Nothing changed: both again on their first copy.
     let rs = run_measured(&mut rsync_cmd(&base.join("rsync-0")))?;
-    let mi = run_measured(&mut mirror_cmd(&base.join("mirror-0")))?;
+    let mi = run_measured(&mut mirror_cmd(&base.join("mirror-0-1"), cfg.jobs[0]))?;
     let v: serde_json::Value = serde_json::from_str(mi.stdout.lines().next().unwrap_or("{}"))?;
     writeln!(
         report,
@@ -500,12 +541,12 @@ fn main() -> Result<()> {
 
     // 5. The copies agree, and the mirror verifies.
     let a = listing(&base.join("rsync-0"));
-    let b = listing(&base.join("mirror-0"));
+    let b = listing(&base.join("mirror-0-1"));
     let same = a == b && a == files;
     let verify = run_measured(
         Command::new(&cfg.niso)
             .args(["registry", "verify"])
-            .arg(base.join("mirror-0"))
+            .arg(base.join("mirror-0-1"))
             .arg("--public-key")
             .arg(&key)
             .args(["--name", "bench"]),

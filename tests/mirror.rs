@@ -711,6 +711,16 @@ fn mirror_refuses_what_it_cannot_do_safely() {
         2,
     );
     assert!(e.contains("the same directory"), "{e}");
+    // An index the source's own record does not vouch for (tampered, or a
+    // stale cache): read again, then refused; the mirror keeps what it had.
+    let before = tree(&n);
+    common::flip_byte(&dd.join("public/niso/packages/pkg_001"));
+    let e = c.fails(&["registry", "mirror", "--from", from, "--to", p(&n)], 2);
+    assert!(
+        e.contains("niso/packages/pkg_001 did not match the source's signed freshness record"),
+        "{e}"
+    );
+    assert_eq!(before, tree(&n));
 }
 
 // ---------------------------------------------------------------------------

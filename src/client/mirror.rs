@@ -101,7 +101,7 @@ pub enum MirrorError {
     },
     #[error("{location}: {reason}; the source is not a consistent registry tree (`niso registry verify` it)")]
     Inconsistent { location: String, reason: String },
-    #[error("the source changed {restarts} times while it was being read (last at {path}); try again when it is quieter")]
+    #[error("{path} did not match the source's signed freshness record, even read again {restarts} times: the source keeps changing faster than it can be read, or serves a file its own record does not vouch for (a stale cache in front of it, or tampering); try again later, or check it with `niso registry verify`")]
     Unsettled { restarts: usize, path: String },
     #[error("{path}: the mirror already holds generation {have}, newer than the source's {found}: the source (or a cache in front of it) serves an old copy of the tree; refusing to roll the mirror back")]
     Rollback { path: String, have: u64, found: u64 },
