@@ -200,6 +200,18 @@ impl DataDir {
         Ok(crate::auth::KeyStore::open(&self.root.join(KEYS_FILE))?)
     }
 
+    /// The publisher keys of the key store, as the tree lists them; `None`
+    /// when the data directory has no key store yet (never served).
+    pub fn publisher_keys(
+        &self,
+    ) -> Result<Option<Vec<crate::index::pb::PublisherKey>>, DataDirError> {
+        if !self.root.join(KEYS_FILE).is_file() {
+            return Ok(None);
+        }
+        let records = self.key_store()?.publisher_keys()?;
+        Ok(Some(records.iter().map(|r| r.to_index()).collect()))
+    }
+
     /// The store the tree lives in: `url` if given (`--store`), else the
     /// config's, else `public/`.
     pub fn store(&self, url: Option<&str>) -> Result<Arc<dyn Store>, DataDirError> {

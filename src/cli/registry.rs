@@ -176,6 +176,7 @@ impl BuildArgs {
     }
 
     async fn build(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
+        let mut keys = None;
         let (store, key, name) = if DataDir::is_data_dir(&self.data_dir) {
             if self.name.is_some() {
                 bail!(
@@ -184,6 +185,7 @@ impl BuildArgs {
                 );
             }
             let dd = DataDir::open(&self.data_dir)?;
+            keys = dd.publisher_keys()?;
             (
                 dd.store(self.store.as_deref())?,
                 dd.key()?,
@@ -222,6 +224,9 @@ impl BuildArgs {
             .await
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
             let report = publisher.rebuild().await?;
+            if let Some(keys) = &keys {
+                publisher.set_publisher_keys(keys.clone()).await?;
+            }
             if ctx.json {
                 ctx.emit(
                     "built",
@@ -436,6 +441,9 @@ impl PublishArgs {
             )
             .await?;
         publisher.recover().await?;
+        if let Some(keys) = dd.publisher_keys()? {
+            publisher.set_publisher_keys(keys).await?;
+        }
         let limits = *publisher.limits();
         let mut failed = 0;
         for path in &self.archives {

@@ -194,13 +194,27 @@ impl ServeArgs {
             )
             .await?
         };
+        let app = Arc::new(app);
+        if !self.read_only {
+            // At start, then hourly: never let the record expire.
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+                loop {
+                    every.tick().await;
+                    if let Err(e) = app.refresh_expiring().await {
+                        tracing::error!(error = %e, "re-signing the freshness record failed");
+                    }
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await
             .with_context(|| format!("cannot listen on {}", self.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!("Listening at http://{addr}");
         eprintln!("Listening at http://{addr}");
-        server::run(listener, Arc::new(app), server::shutdown_signal()).await?;
+        server::run(listener, app, server::shutdown_signal()).await?;
         Ok(Outcome::Success)
     }
 }

@@ -194,6 +194,22 @@ impl RepoReader {
         Ok(Some(pkg))
     }
 
+    /// The publisher keys the registry has accepted signatures from, from
+    /// its signed `publisher-keys` (checked against the record); empty when
+    /// the record lists none.
+    pub fn publisher_keys(&self, fresh: &Fresh) -> Result<Vec<pb::PublisherKey>, ReadError> {
+        let path = layout::PUBLISHER_KEYS;
+        if !fresh.lists(path) {
+            return Ok(Vec::new());
+        }
+        let bytes = self.transport.fetch(path, self.limits.max_index)?;
+        fresh.check_file(path, &bytes)?;
+        let keys: pb::PublisherKeys =
+            decode_index(&bytes, &self.key, &self.repository, self.limits.max_index)
+                .map_err(|e| self.index_error(path, e))?;
+        Ok(keys.keys)
+    }
+
     /// Like [`Self::package`], but a missing package is an error.
     pub fn require_package(
         &self,

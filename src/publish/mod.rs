@@ -171,11 +171,12 @@ pub struct RebuildReport {
 }
 
 /// The global files this writer keeps versions of, besides the bins.
-const GLOBALS: [&str; 5] = [
+const GLOBALS: [&str; 6] = [
     layout::VERSIONS,
     layout::NAMES,
     layout::V1_INDEX,
     layout::PUBLIC_KEY,
+    layout::PUBLISHER_KEYS,
     layout::FRESHNESS,
 ];
 
@@ -214,6 +215,10 @@ struct Model {
     /// What the freshness record in the tree lists (`None`: none, or not
     /// readable).
     fresh_files: Option<BTreeMap<String, Digest256>>,
+    /// The publisher keys to publish in `publisher-keys` (`None`: this
+    /// writer does not know them, e.g. `build` of a plain directory; the
+    /// tree's file stays as it is).
+    publisher_keys: Option<Vec<pb::PublisherKey>>,
     /// A write failed half way: the tree must be reconciled before the next
     /// change.
     dirty: bool,
@@ -909,6 +914,45 @@ impl Publisher {
         .await
     }
 
+    /// Publishes `keys` (every publisher key the registry accepts or
+    /// accepted signatures from) in the signed `publisher-keys`, listed in
+    /// the freshness record, so clients can check publisher signatures from
+    /// the tree alone. Writes nothing when the tree already says so.
+    pub async fn set_publisher_keys(
+        &self,
+        mut keys: Vec<pb::PublisherKey>,
+    ) -> Result<(), PublishError> {
+        keys.sort_by(|a, b| (a.registered_at, &a.id).cmp(&(b.registered_at, &b.id)));
+        keys.dedup();
+        let mut model = self.model.lock().await;
+        self.ensure_clean(&mut model).await?;
+        let bytes = self.publisher_keys_file(&keys)?;
+        model.publisher_keys = Some(keys);
+        if model.written.get(layout::PUBLISHER_KEYS) == Some(&Digest256::of(&bytes)) {
+            return Ok(());
+        }
+        self.apply(&mut model, |_| {
+            Ok((
+                Plan {
+                    refresh: true,
+                    ..Default::default()
+                },
+                (),
+            ))
+        })
+        .await
+    }
+
+    fn publisher_keys_file(&self, keys: &[pb::PublisherKey]) -> Result<Vec<u8>, PublishError> {
+        let msg = pb::PublisherKeys {
+            repository: self.repository.to_string(),
+            keys: keys.to_vec(),
+        };
+        Ok(cpu(|| {
+            crate::index::encode_index(&msg, self.signer.as_ref())
+        })?)
+    }
+
     /// The expiry of the freshness record as this writer last wrote or read
     /// it is less than `margin` seconds away (or there is none).
     pub async fn freshness_expires_within(&self, margin: i64) -> Result<bool, PublishError> {
@@ -1167,9 +1211,14 @@ impl Publisher {
             touched.extend(0..=255u8);
         }
         let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let keys = match &model.publisher_keys {
+            Some(k) => Some(self.publisher_keys_file(k)?),
+            None => None,
+        };
         for (rel, bytes) in [
             (layout::VERSIONS, globals.versions),
             (layout::PUBLIC_KEY, Some(self.public_key_pem())),
+            (layout::PUBLISHER_KEYS, keys),
             (layout::NAMES, globals.names),
             (layout::V1_INDEX, globals.v1_index),
         ] {
@@ -1208,10 +1257,17 @@ impl Publisher {
                 }
             }
         }
-        // The record lists names, versions and every bin.
+        // The record lists names, versions, the publisher keys and every
+        // bin.
         for (rel, bytes) in &files {
-            if *rel == layout::VERSIONS || *rel == layout::NAMES {
+            if *rel == layout::VERSIONS || *rel == layout::NAMES || *rel == layout::PUBLISHER_KEYS {
                 top.insert(rel.clone(), Digest256::of(bytes));
+            }
+        }
+        if model.publisher_keys.is_none() {
+            // Not this writer's to change: listed as the tree has it.
+            if let Some(d) = model.written.get(layout::PUBLISHER_KEYS) {
+                top.insert(layout::PUBLISHER_KEYS.to_string(), d.clone());
             }
         }
         let changed = files
