@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::Outcome;
 use crate::auth::{ApiKey, KeyStore, Scopes};
-use crate::datadir::{self, DataDir};
+use crate::datadir::DataDir;
 use crate::ident::RepoName;
 use crate::index::Signer;
 use crate::publish::{unix_now, Options};
@@ -135,19 +135,26 @@ impl ServeArgs {
 
     async fn serve(self, settings: Settings) -> anyhow::Result<Outcome> {
         let app = if self.read_only {
-            let tree = if DataDir::is_data_dir(&self.data_dir) {
-                self.data_dir.join(datadir::PUBLIC_DIR)
-            } else {
-                self.data_dir.clone()
-            };
-            if !tree.join("names").is_file() {
-                bail!("{} holds no registry tree (no names index)", tree.display());
+            // A data directory (its configured store), a store URL, or a
+            // plain directory holding a tree (a mirror, an air-gapped copy).
+            let (store, name): (Arc<dyn crate::store::Store>, RepoName) =
+                if DataDir::is_data_dir(&self.data_dir) {
+                    let dd = DataDir::open(&self.data_dir)?;
+                    (dd.store(self.store.as_deref())?, dd.repository().clone())
+                } else if let Some(url) = &self.store {
+                    (crate::store::open(url)?, self.name.clone())
+                } else {
+                    let tree = crate::store::LocalStore::new(self.data_dir.clone());
+                    (Arc::new(tree), self.name.clone())
+                };
+            let names = crate::store::TreePath::new(crate::index::layout::NAMES)?;
+            if store.head(&names).await?.is_none() {
+                bail!(
+                    "{} holds no registry tree (no names index)",
+                    store.describe()
+                );
             }
-            let name = DataDir::open(&self.data_dir)
-                .map(|d| d.repository().clone())
-                .unwrap_or(self.name.clone());
             let staging = std::env::temp_dir();
-            let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::LocalStore::new(tree));
             App::new(settings, store, staging, name, None, None).await?
         } else {
             // Checked before anything is written: a bad key must not leave a
