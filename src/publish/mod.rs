@@ -644,7 +644,7 @@ impl Publisher {
         }
         // Then the indexes, for all of them at once.
         let outcome = self
-            .apply(&mut model, |model| {
+            .apply(&mut model, |model, _attempt| {
                 let mut plan = Plan::default();
                 let mut out = Vec::with_capacity(uploads.len());
                 for (i, up) in uploads.iter().enumerate() {
@@ -819,7 +819,19 @@ impl Publisher {
         let mut model = self.model.lock().await;
         self.ensure_clean(&mut model).await?;
         let now = (self.clock)();
-        self.apply(&mut model, |model| {
+        self.apply(&mut model, |model, attempt| {
+            // A retry after losing to another writer may find this delete
+            // made already (its tombstone in place): nothing left to plan.
+            let done = attempt > 0
+                && model.packages.get(name.as_str()).is_some_and(|e| {
+                    e.index
+                        .tombstones
+                        .iter()
+                        .any(|t| t.version == version.as_str() && t.arch == arch.as_str())
+                });
+            if done {
+                return Ok((Plan::default(), ()));
+            }
             let not_found =
                 || PublishError::NotFound(format!("{name} {version} ({arch}) is not published"));
             let mut pkg = model
@@ -872,7 +884,7 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let mut model = self.model.lock().await;
         self.ensure_clean(&mut model).await?;
-        self.apply(&mut model, |model| {
+        self.apply(&mut model, |model, _attempt| {
             let mut pkg = model
                 .packages
                 .get(name.as_str())
@@ -902,7 +914,7 @@ impl Publisher {
     pub async fn refresh(&self) -> Result<(), PublishError> {
         let mut model = self.model.lock().await;
         self.ensure_clean(&mut model).await?;
-        self.apply(&mut model, |_| {
+        self.apply(&mut model, |_, _| {
             Ok((
                 Plan {
                     refresh: true,
@@ -931,7 +943,7 @@ impl Publisher {
         if model.written.get(layout::PUBLISHER_KEYS) == Some(&Digest256::of(&bytes)) {
             return Ok(());
         }
-        self.apply(&mut model, |_| {
+        self.apply(&mut model, |_, _| {
             Ok((
                 Plan {
                     refresh: true,
@@ -977,16 +989,19 @@ impl Publisher {
     }
 
     /// Applies the change `plan` renders from the model, retrying after a
-    /// reload when another writer got there first.
+    /// reload when another writer got there first. `plan` gets the attempt
+    /// number: on a retry, part of the change may be in the tree already.
     async fn apply<T>(
         &self,
         model: &mut Model,
-        plan: impl Fn(&Model) -> Result<(Plan, T), PublishError>,
+        plan: impl Fn(&Model, usize) -> Result<(Plan, T), PublishError>,
     ) -> Result<T, PublishError> {
+        // What an attempt that lost left to do: the next one does it.
+        let mut pending = Pending::default();
         for attempt in 0..MAX_ATTEMPTS {
-            let (p, out) = plan(model)?;
+            let (p, out) = plan(model, attempt)?;
             let started = std::time::Instant::now();
-            match self.write(model, p).await {
+            match self.write(model, p, &mut pending).await {
                 Ok(()) => {
                     tracing::debug!(attempt, ms = ms(started.elapsed()), "change written");
                     return Ok(out);
@@ -1008,21 +1023,43 @@ impl Publisher {
                 }
             }
         }
+        model.dirty = true;
         Err(PublishError::Aborted(format!(
             "gave up after {MAX_ATTEMPTS} attempts: other writers kept changing the tree"
         )))
     }
 
     /// Writes a change, stage by stage, and brings the model up to date
-    /// with it. On an error the model is left as it was.
-    async fn write(&self, model: &mut Model, plan: Plan) -> Result<(), WriteError> {
+    /// with it. On an error the model is left as it was, and `pending` holds
+    /// what the next attempt must do besides its own plan.
+    async fn write(
+        &self,
+        model: &mut Model,
+        plan: Plan,
+        pending: &mut Pending,
+    ) -> Result<(), WriteError> {
         // Packages whose content does not change are left alone.
         let changes: Vec<(String, pb::Package)> = plan
             .packages
             .into_iter()
             .filter(|(n, p)| model.packages.get(n).map(|e| &e.index) != Some(p))
             .collect();
-        if changes.is_empty() && !plan.refresh && plan.removals.is_empty() {
+        // Derived files another writer may have overwritten with older
+        // ones while this writer's attempt lost: written again, from the
+        // package's index as it is now.
+        let repairs: Vec<(String, pb::Package)> = pending
+            .repair
+            .iter()
+            .filter(|n| !changes.iter().any(|(c, _)| c == *n))
+            .filter_map(|n| model.packages.get(n).map(|e| (n.clone(), e.index.clone())))
+            .collect();
+        if changes.is_empty()
+            && repairs.is_empty()
+            && !plan.refresh
+            && plan.removals.is_empty()
+            && !pending.globals
+            && pending.stale.is_empty()
+        {
             return Ok(());
         }
 
@@ -1030,6 +1067,7 @@ impl Publisher {
         let rendered: Vec<Rendered> = cpu(|| {
             changes
                 .par_iter()
+                .chain(repairs.par_iter())
                 .map(|(name, pkg)| {
                     let (files, digests) =
                         render::package_files(&self.layout, pkg, self.signer.as_ref())?;
@@ -1037,16 +1075,45 @@ impl Publisher {
                 })
                 .collect::<Result<_, PublishError>>()
         })?;
-        let mut stale: Vec<TreePath> = Vec::new();
-        let futs: Vec<_> = rendered
-            .iter()
-            .map(|(name, _, files, _)| self.write_package(name, model.packages.get(name), files))
-            .collect();
-        let written: Vec<(String, ObjectVersion, Vec<TreePath>)> = try_all(futs).await?;
+        let (to_write, to_repair) = rendered.split_at(changes.len());
+        let mut futs = Vec::with_capacity(rendered.len());
+        for (name, _, files, _) in to_write {
+            futs.push(self.write_package(name, model.packages.get(name), files, false));
+        }
+        for (name, _, files, _) in to_repair {
+            futs.push(self.write_package(name, model.packages.get(name), files, true));
+        }
+        // Every package's write runs to its end (none is cut off half way
+        // by another's conflict), then the outcome is weighed.
+        let results = all(futs).await;
+        if results.iter().any(Result::is_ok) {
+            // The change is (partly) in the tree: its removals are due even
+            // if a retry finds nothing left to change.
+            pending.stale.extend(plan.removals.iter().cloned());
+        }
         let mut new_versions = HashMap::new();
-        for (name, version, removed) in written {
-            new_versions.insert(name, version);
-            stale.extend(removed);
+        let mut conflict = None;
+        for r in results {
+            match r {
+                Ok(w) => {
+                    pending.globals = true;
+                    pending.stale.extend(w.removed);
+                    if w.superseded {
+                        conflict.get_or_insert(w.name.clone());
+                        pending.repair.insert(w.name);
+                    } else {
+                        pending.repair.remove(&w.name);
+                        new_versions.insert(w.name, w.version);
+                    }
+                }
+                Err(WriteError::Conflict(path)) => {
+                    conflict.get_or_insert(path);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(path) = conflict {
+            return Err(WriteError::Conflict(path));
         }
 
         // Stages 3–6: the shared files, from the model with the change.
@@ -1066,7 +1133,11 @@ impl Publisher {
             .await?;
 
         // Stage 7: what no index names any more.
-        for path in plan.removals.iter().chain(&stale) {
+        let mut stale: BTreeSet<TreePath> =
+            std::mem::take(&mut pending.stale).into_iter().collect();
+        stale.extend(plan.removals);
+        *pending = Pending::default();
+        for path in &stale {
             if let Err(e) = self.store.delete(path).await {
                 // The change is complete without it: recovery removes it.
                 tracing::warn!(%path, error = %e, "could not remove a file no index names");
@@ -1085,7 +1156,8 @@ impl Publisher {
         name: &str,
         old: Option<&Entry>,
         files: &[FileOut],
-    ) -> Result<(String, ObjectVersion, Vec<TreePath>), WriteError> {
+        repair: bool,
+    ) -> Result<PackageWrite, WriteError> {
         let pname = PackageName::new(name).map_err(PublishError::from)?;
         let niso_path = self
             .layout
@@ -1111,22 +1183,32 @@ impl Publisher {
         let Content::Bytes(bytes) = &niso.content else {
             return Err(PublishError::Invalid(format!("{niso_path} is not a document")).into());
         };
-        let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
-        let version = self
-            .store
-            .put(
-                &niso_path,
-                Body::Bytes(bytes.clone().into()),
-                &niso.attributes,
-                mode,
-            )
-            .await?;
+        // A repair rewrites the derived files of the index in the tree.
+        let version = match (repair, old.and_then(|e| e.version.clone())) {
+            (true, Some(v)) => v,
+            _ => {
+                let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
+                self.store
+                    .put(
+                        &niso_path,
+                        Body::Bytes(bytes.clone().into()),
+                        &niso.attributes,
+                        mode,
+                    )
+                    .await?
+            }
+        };
         let derived: Vec<&FileOut> = files
             .iter()
             .filter(|f| f.path != niso_path)
-            .filter(|f| match &f.content {
-                Content::Bytes(b) if f.path == hex_path => old_hex != Some(&Digest256::of(b)),
-                _ => !old_v1.contains(f),
+            .filter(|f| {
+                repair
+                    || match &f.content {
+                        Content::Bytes(b) if f.path == hex_path => {
+                            old_hex != Some(&Digest256::of(b))
+                        }
+                        _ => !old_v1.contains(f),
+                    }
             })
             .collect();
         let futs: Vec<_> = derived
@@ -1134,22 +1216,25 @@ impl Publisher {
             .map(|f| self.put_file(f, PutMode::Overwrite))
             .collect();
         try_all(futs).await?;
-        // Another writer may have replaced the index meanwhile and written
-        // its derived files before these: then they are stale.
-        let now = self.store.head(&niso_path).await?.map(|m| m.version);
-        if now.as_ref() != Some(&version) {
-            return Err(WriteError::Conflict(niso_path.to_string()));
-        }
         let new_paths: BTreeSet<&TreePath> = files.iter().map(|f| &f.path).collect();
         let mut removed: Vec<TreePath> = old_v1
             .iter()
             .map(|f| f.path.clone())
             .filter(|p| !new_paths.contains(p))
             .collect();
-        if old_hex.is_some() && !new_paths.contains(&hex_path) {
+        if !repair && old_hex.is_some() && !new_paths.contains(&hex_path) {
             removed.push(hex_path);
         }
-        Ok((name.to_string(), version, removed))
+        // Another writer may have replaced the index meanwhile and written
+        // its derived files before these: then they are stale, and are
+        // written again from the index that won.
+        let now = self.store.head(&niso_path).await?.map(|m| m.version);
+        Ok(PackageWrite {
+            name: name.to_string(),
+            superseded: now.as_ref() != Some(&version),
+            version,
+            removed: if repair { Vec::new() } else { removed },
+        })
     }
 
     async fn put_file(&self, f: &FileOut, mode: PutMode) -> Result<ObjectVersion, StoreError> {
@@ -1362,6 +1447,30 @@ type Rendered = (
     Vec<FileOut>,
     BTreeMap<String, Digest256>,
 );
+
+/// One package written by [`Publisher::write_package`].
+struct PackageWrite {
+    name: String,
+    /// Of `niso/packages/NAME`, as this writer wrote (or repaired) it.
+    version: ObjectVersion,
+    /// Derived files the package no longer has.
+    removed: Vec<TreePath>,
+    /// Another writer replaced the index after this one: the derived files
+    /// may be older than it.
+    superseded: bool,
+}
+
+/// What an attempt of a change left to the next one.
+#[derive(Default)]
+struct Pending {
+    /// Package files were written: the shared files must be too, even if
+    /// the next attempt finds nothing new to render.
+    globals: bool,
+    /// Derived files no index names any more, to remove at the end.
+    stale: Vec<TreePath>,
+    /// Packages whose derived files must be written again.
+    repair: BTreeSet<String>,
+}
 
 /// The packages a change gives new content, with their new versions.
 #[derive(Default)]
