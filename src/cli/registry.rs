@@ -435,6 +435,7 @@ impl PublishArgs {
                 self.store.as_deref(),
             )
             .await?;
+        dd.clean_staging()?;
         publisher.recover().await?;
         let limits = *publisher.limits();
         let mut failed = 0;
@@ -482,7 +483,7 @@ async fn publish_file(
     let staging = dd.staging_dir();
     std::fs::create_dir_all(&staging)?;
     let staged = tempfile::Builder::new()
-        .prefix("publish-")
+        .prefix(&datadir::staging_prefix("publish"))
         .tempfile_in(&staging)?;
     std::fs::copy(path, staged.path())
         .with_context(|| format!("cannot read {}", path.display()))?;
