@@ -333,7 +333,13 @@ impl Planned {
 
     /// A `.niso` archive made the way `niso package` makes one, in
     /// `scratch` (the caller's own directory).
-    fn niso(scratch: &Path, name: &str, version: &str, arch: &str, payload: &str) -> Self {
+    fn niso(
+        scratch: &Path,
+        name: &str,
+        version: &str,
+        arch: &str,
+        payload: impl AsRef<[u8]>,
+    ) -> Self {
         let pkg = scratch.join("pkg");
         let out = scratch.join("out");
         std::fs::create_dir_all(pkg.join("payload/bin")).unwrap();
@@ -523,7 +529,7 @@ fn plan(role: Role, trial: usize, client: usize, i: usize, scratch: &Path) -> Pl
             &format!("t{trial}n{client}"),
             &version,
             "x86_64",
-            &format!("client {client} version {version}"),
+            format!("client {client} version {version}"),
         ),
         Role::OwnHex => Planned::hex(&format!("t{trial}h{client}"), &version),
         Role::SameBytes => Planned::hex(&format!("t{trial}same"), &version),
@@ -532,7 +538,7 @@ fn plan(role: Role, trial: usize, client: usize, i: usize, scratch: &Path) -> Pl
             &format!("t{trial}other"),
             &version,
             "x86_64",
-            &format!("client {client} version {version}"),
+            format!("client {client} version {version}"),
         ),
     }
 }
@@ -861,7 +867,7 @@ fn clients_that_hang_up_take_nothing_from_honest_ones_and_leave_nothing_behind()
                 name,
                 &version,
                 "x86_64",
-                &format!("{name} {version}"),
+                format!("{name} {version}"),
             )
         } else {
             Planned::hex(name, &version)
@@ -1249,4 +1255,168 @@ async fn verify_refuses_an_expired_freshness_record_and_build_re_signs_it() {
         .map(|(v, _)| v.clone())
         .collect();
     assert_eq!(listed, vec!["1.0.0"]);
+}
+
+// ---------------------------------------------------------------------
+// A full disk (root only: scripts/reliability)
+
+/// A tmpfs of a given size mounted on a directory, unmounted on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        Self::run(&[
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            p(dir),
+        ]);
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn resize(&self, size: &str) {
+        Self::run(&["-o", &format!("remount,size={size}"), "tmpfs", p(&self.dir)]);
+    }
+
+    fn run(args: &[&str]) {
+        let out = Command::new("mount")
+            .args(args)
+            .output()
+            .expect("run mount(8)");
+        assert!(
+            out.status.success(),
+            "mount {args:?} failed (this test needs root): {}",
+            text(&out)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+#[ignore = "mounts a tmpfs, which needs root: scripts/reliability runs it"]
+fn a_full_disk_is_a_503_to_retry_and_nothing_acknowledged_is_lost() {
+    const CLIENTS: usize = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = tmp.path().join("data");
+    // The tree on a file system of 256 pages; staging/ stays on the real
+    // disk, so every archive is copied into the tree, not linked.
+    let disk = Tmpfs::mount(&dd.join("public"), "1m");
+    niso_ok(&["registry", "init", "--data-dir", p(&dd), "--name", "acme"]);
+    let server = Serve::start(&dd).unwrap();
+    // Each client uploads new versions until it has seen five 503s in a
+    // row: the disk is full.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let addr = server.addr.clone();
+            let scratch = tmp.path().join(format!("scratch{c}"));
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                let mut refused_in_a_row = 0;
+                for i in 0..400 {
+                    let name = format!("full{c}");
+                    let version = format!("1.0.{i}");
+                    let plan = if c % 2 == 0 {
+                        // 48 KiB that do not compress: the archive is
+                        // the biggest write of its change, so a full
+                        // disk often fails it first.
+                        let mut payload = vec![0u8; 48 * 1024];
+                        StdRng::seed_from_u64((c * 1000 + i) as u64).fill(&mut payload[..]);
+                        Planned::niso(&scratch, &name, &version, "x86_64", payload)
+                    } else {
+                        Planned::hex(&name, &version)
+                    };
+                    let outcome = upload(&addr, &plan, Leave::Honest);
+                    refused_in_a_row = match &outcome {
+                        Outcome::Published { .. } => 0,
+                        _ => refused_in_a_row + 1,
+                    };
+                    done.push(Attempt {
+                        client: c,
+                        plan,
+                        outcome,
+                    });
+                    if refused_in_a_row == 5 {
+                        break;
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    let attempts: Vec<Attempt> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let mut problems = Vec::new();
+    let full = attempts
+        .iter()
+        .filter(|a| !matches!(a.outcome, Outcome::Published { .. }))
+        .count();
+    for a in &attempts {
+        match &a.outcome {
+            Outcome::Published { .. } => {}
+            Outcome::Cut(why) if why.starts_with("503 ") && why.contains("try again") => {}
+            other => problems.push(format!(
+                "client {}: {}: {other:?} (only a 2xx or a 503 is right)",
+                a.client,
+                a.plan.label()
+            )),
+        }
+    }
+    assert!(
+        full >= CLIENTS * 5,
+        "the disk never filled: {} uploads, {full} refused\n{}",
+        attempts.len(),
+        problems.join("\n")
+    );
+
+    // Room again: the next change mends the tree, every refused upload
+    // goes through when sent again, and nothing acknowledged was lost.
+    disk.resize("64m");
+    for a in &attempts {
+        if !matches!(a.outcome, Outcome::Published { .. }) {
+            if let got @ (Outcome::Refused { .. } | Outcome::Cut(_)) =
+                upload(&server.addr, &a.plan, Leave::Honest)
+            {
+                problems.push(format!("retry of {}: {got:?}", a.plan.label()));
+            }
+        }
+    }
+    for a in &attempts {
+        let index = published(&dd, &a.plan.name);
+        problems.extend(check_published(&server.addr, &a.plan, &index));
+    }
+    if let Err(e) = verify(&dd) {
+        problems.push(e);
+    }
+    let left = leftovers(&dd);
+    if !left.is_empty() {
+        problems.push(format!("left behind: {left:?}"));
+    }
+    eprintln!(
+        "full disk: {} uploads, {} acknowledged, {full} refused while the disk was full, \
+         all of them published when sent again; {} problems",
+        attempts.len(),
+        attempts.len() - full,
+        problems.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "{}\nserver log:\n{}",
+        problems.join("\n"),
+        tail(&server.log, 40)
+    );
+    drop(server);
 }
