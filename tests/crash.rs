@@ -549,7 +549,8 @@ struct Tally {
     ok: usize,
     cut: usize,
     /// Cut off, yet found published after the restart: the kill landed
-    /// after the archive was written.
+    /// after its archive was written (its index was written too, or
+    /// recovery adopted the archive).
     cut_found: usize,
     refused: usize,
     /// Archives recovery published (their change was cut off).
