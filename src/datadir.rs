@@ -179,6 +179,39 @@ impl DataDir {
         self.root.join(STAGING_DIR)
     }
 
+    /// Removes the files a process that no longer runs left in `staging/`
+    /// (a server killed while it received or published uploads: an
+    /// upload's staged file is removed by the process that made it, which a
+    /// SIGKILL never lets happen). Files of running processes, this one's
+    /// and those of a `publish` beside it, stay. Returns how many went.
+    pub fn clean_staging(&self) -> Result<usize, DataDirError> {
+        let dir = self.staging_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("read", &dir)(e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(io_err("read", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // `KIND-PID-RANDOM`; another naming is an older niso's, whose
+            // writer did not name itself: no writer of this version owns it.
+            let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            let stale = match pid {
+                Some(p) => p != std::process::id() && !crate::store::is_alive(p),
+                None => true,
+            };
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if stale && is_file {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     pub fn key(&self) -> Result<RepoKey, DataDirError> {
         Ok(RepoKey::from_file(&self.root.join(KEY_FILE))?)
     }
@@ -238,6 +271,12 @@ impl DataDir {
     }
 }
 
+/// The start of the name of a file staged by this process: `KIND-PID-`, so
+/// [`DataDir::clean_staging`] can tell whether its writer still runs.
+pub fn staging_prefix(kind: &str) -> String {
+    format!("{kind}-{}-", std::process::id())
+}
+
 /// Organization repositories present in a tree (`repos/*`).
 pub async fn organizations(store: &dyn Store) -> Result<Vec<RepoName>, DataDirError> {
     let mut out = std::collections::BTreeSet::new();
@@ -269,4 +308,28 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     tmp.persist(path)
         .map_err(|e| io_err("write", path)(e.error))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_files_of_processes_that_are_gone_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(CONFIG_FILE), "name = \"acme\"\n").unwrap();
+        let dd = DataDir::open(dir.path()).unwrap();
+        assert_eq!(dd.clean_staging().unwrap(), 0, "no staging directory yet");
+        let staging = dd.staging_dir();
+        fs::create_dir_all(&staging).unwrap();
+        // Above any PID Linux hands out: a process that is gone.
+        let dead = staging.join("upload-4194304000-AbC123");
+        let mine = staging.join(format!("{}XyZ789", staging_prefix("publish")));
+        let older_niso = staging.join("upload-Qw3rTy");
+        for f in [&dead, &mine, &older_niso] {
+            fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(dd.clean_staging().unwrap(), 2);
+        assert!(!dead.exists() && !older_niso.exists() && mine.exists());
+    }
 }

@@ -440,6 +440,7 @@ impl PublishArgs {
                 self.store.as_deref(),
             )
             .await?;
+        dd.clean_staging()?;
         publisher.recover().await?;
         if let Some(keys) = dd.publisher_keys()? {
             publisher.set_publisher_keys(keys).await?;
@@ -490,7 +491,7 @@ async fn publish_file(
     let staging = dd.staging_dir();
     std::fs::create_dir_all(&staging)?;
     let staged = tempfile::Builder::new()
-        .prefix("publish-")
+        .prefix(&datadir::staging_prefix("publish"))
         .tempfile_in(&staging)?;
     std::fs::copy(path, staged.path())
         .with_context(|| format!("cannot read {}", path.display()))?;

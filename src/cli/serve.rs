@@ -175,6 +175,10 @@ impl ServeArgs {
                 );
                 dd
             };
+            let cleaned = dd.clean_staging()?;
+            if cleaned > 0 {
+                tracing::info!(cleaned, "removed uploads a stopped server left in staging");
+            }
             let keys = dd.key_store()?;
             if keys.is_empty()? {
                 let from_env = preset.is_some();

@@ -616,7 +616,10 @@ impl Publisher {
     ) -> Vec<Result<Published, PublishError>> {
         let mut model = self.model.lock().await;
         if let Err(e) = self.ensure_clean(&mut model).await {
-            let msg = e.to_string();
+            let msg = match e {
+                PublishError::Aborted(m) => m,
+                other => other.to_string(),
+            };
             return uploads
                 .iter()
                 .map(|_| Err(PublishError::Aborted(msg.clone())))
@@ -638,6 +641,12 @@ impl Publisher {
                 match check {
                     Ok(Some(path)) => created.push((i, path)),
                     Ok(None) => {}
+                    // The tree could not be written (a full disk): the
+                    // create left nothing, and a retry may succeed.
+                    Err(PublishError::Store(e)) => {
+                        tracing::error!(error = %e, "writing an archive to the tree failed");
+                        results[i] = Some(Err(PublishError::Aborted(e.to_string())));
+                    }
                     Err(e) => results[i] = Some(Err(e)),
                 }
             }
@@ -977,13 +986,18 @@ impl Publisher {
     }
 
     /// Reconciles the tree before a change when an earlier write failed.
+    /// If that fails too, the change is not applied, and may be retried
+    /// (every kind of change: uploads, deletes, tags).
     async fn ensure_clean(&self, model: &mut Model) -> Result<(), PublishError> {
         if model.dirty {
             tracing::warn!(
                 repository = %self.repository,
                 "an earlier write to the tree failed or was cut off; reconciling the tree"
             );
-            self.reconcile(model, false).await?;
+            self.reconcile(model, false).await.map_err(|e| match e {
+                e @ PublishError::Aborted(_) => e,
+                other => PublishError::Aborted(other.to_string()),
+            })?;
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
+pub(crate) use local::is_alive;
 pub use local::LocalStore;
 pub use object::ObjectBackend;
 

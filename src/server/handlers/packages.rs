@@ -105,8 +105,10 @@ pub async fn upload(
     // Stream to a staged file, feeding the signature check as bytes pass:
     // memory stays flat whatever the archive's size.
     std::fs::create_dir_all(&app.staging).map_err(ApiError::internal)?;
+    // Named for this process: a later start removes what a killed server
+    // left here (see `DataDir::clean_staging`).
     let staged = tempfile::Builder::new()
-        .prefix("upload-")
+        .prefix(&crate::datadir::staging_prefix("upload"))
         .tempfile_in(&app.staging)
         .map_err(ApiError::internal)?;
     let mut file = std::io::BufWriter::with_capacity(
