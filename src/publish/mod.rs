@@ -413,9 +413,37 @@ impl Publisher {
     }
 
     /// The versions of the global files and bins, and the generation.
+    /// The bins are found by one listing: only those that exist and changed
+    /// since this writer last read them are read (on S3 every read is a
+    /// request, and most of the 256 bins of a small repository are absent).
     async fn read_globals(&self, model: &mut Model) -> Result<(), PublishError> {
+        let bins_dir = format!("{}/", self.layout.dir(layout::FRESHNESS_BINS_DIR));
+        let listed: HashMap<String, ObjectVersion> = self
+            .store
+            .list_versions(&self.layout.dir(layout::FRESHNESS_BINS_DIR))
+            .await?
+            .into_iter()
+            .filter_map(|(p, v)| {
+                let bin = p.as_str().strip_prefix(&bins_dir)?;
+                let rel = format!("{}/{bin}", layout::FRESHNESS_BINS_DIR);
+                Some((rel, v))
+            })
+            .collect();
         let mut rels: Vec<String> = GLOBALS.iter().map(|s| s.to_string()).collect();
-        rels.extend((0..=255u8).map(Layout::freshness_bin_rel));
+        let mut kept: Vec<(String, ObjectVersion, Digest256)> = Vec::new();
+        for rel in (0..=255u8).map(Layout::freshness_bin_rel) {
+            match (
+                listed.get(&rel),
+                model.seen.get(&rel),
+                model.written.get(&rel),
+            ) {
+                (None, _, _) => {}
+                (Some(v), Some(Some(seen)), Some(d)) if v == seen => {
+                    kept.push((rel, v.clone(), d.clone()))
+                }
+                (Some(_), _, _) => rels.push(rel),
+            }
+        }
         let reads: Vec<_> = rels
             .into_iter()
             .map(|rel| async move {
@@ -424,9 +452,15 @@ impl Publisher {
                 Ok::<_, PublishError>((rel, got.map(|o| (o.meta.version, Digest256::of(&o.bytes)))))
             })
             .collect();
-        let read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
+        let mut read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
+        read.extend(kept.into_iter().map(|(rel, v, d)| (rel, Some((v, d)))));
         model.seen.clear();
         model.written.clear();
+        // A bin not listed is known missing (one created since makes this
+        // writer's create of it fail, and it reloads).
+        for rel in (0..=255u8).map(Layout::freshness_bin_rel) {
+            model.seen.insert(rel, None);
+        }
         for (rel, got) in read {
             match got {
                 Some((v, d)) => {
