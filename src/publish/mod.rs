@@ -973,15 +973,30 @@ impl Publisher {
         model: &mut Model,
         plan: impl Fn(&Model) -> Result<(Plan, T), PublishError>,
     ) -> Result<T, PublishError> {
+        // Packages an attempt that lost may have written part of: their
+        // index may be in the tree already (so the retry finds nothing to
+        // change) while files derived from it, or the shared files, were
+        // written by another writer from an older view, or overwritten by
+        // this one's late writes. Each retry writes them whole again.
+        let mut unfinished: BTreeSet<String> = BTreeSet::new();
         for attempt in 0..MAX_ATTEMPTS {
-            let (p, out) = plan(model)?;
+            let (mut p, out) = plan(model)?;
+            for name in &unfinished {
+                if let Some(e) = model.packages.get(name) {
+                    p.packages
+                        .entry(name.clone())
+                        .or_insert_with(|| e.index.clone());
+                }
+            }
+            let touched: Vec<String> = p.packages.keys().cloned().collect();
             let started = std::time::Instant::now();
-            match self.write(model, p).await {
+            match self.write(model, p, &unfinished).await {
                 Ok(()) => {
                     tracing::debug!(attempt, ms = ms(started.elapsed()), "change written");
                     return Ok(out);
                 }
                 Err(WriteError::Conflict(path)) => {
+                    unfinished.extend(touched);
                     tracing::info!(%path, attempt, "another writer changed the tree; reloading");
                     if let Err(e) = self.reload(model).await {
                         model.dirty = true;
@@ -1005,12 +1020,21 @@ impl Publisher {
 
     /// Writes a change, stage by stage, and brings the model up to date
     /// with it. On an error the model is left as it was.
-    async fn write(&self, model: &mut Model, plan: Plan) -> Result<(), WriteError> {
+    /// `unfinished`: packages written whole even if their index does not
+    /// change (see [`Publisher::apply`]).
+    async fn write(
+        &self,
+        model: &mut Model,
+        plan: Plan,
+        unfinished: &BTreeSet<String>,
+    ) -> Result<(), WriteError> {
         // Packages whose content does not change are left alone.
         let changes: Vec<(String, pb::Package)> = plan
             .packages
             .into_iter()
-            .filter(|(n, p)| model.packages.get(n).map(|e| &e.index) != Some(p))
+            .filter(|(n, p)| {
+                unfinished.contains(n) || model.packages.get(n).map(|e| &e.index) != Some(p)
+            })
             .collect();
         if changes.is_empty() && !plan.refresh && plan.removals.is_empty() {
             return Ok(());
@@ -1030,7 +1054,16 @@ impl Publisher {
         let mut stale: Vec<TreePath> = Vec::new();
         let futs: Vec<_> = rendered
             .iter()
-            .map(|(name, _, files, _)| self.write_package(name, model.packages.get(name), files))
+            .map(|(name, pkg, files, _)| {
+                let old = model.packages.get(name);
+                let whole = unfinished.contains(name);
+                // Its index as the tree holds it already: kept, not written
+                // again (which would make every other writer reload it).
+                let current = old
+                    .filter(|e| whole && &e.index == pkg)
+                    .and_then(|e| e.version.clone());
+                self.write_package(name, old, files, whole, current)
+            })
             .collect();
         let written: Vec<(String, ObjectVersion, Vec<TreePath>)> = try_all(futs).await?;
         let mut new_versions = HashMap::new();
@@ -1070,11 +1103,17 @@ impl Publisher {
     /// package's truth), then its derived files. Returns the new version of
     /// the niso index and the derived files it no longer has, to remove once
     /// the shared files stop naming them.
+    /// With `whole`, every derived file is written (but a release's own
+    /// files `old` had), not only those that differ from `old`'s; with
+    /// `current`, the niso index is that version in the tree already and is
+    /// not written.
     async fn write_package(
         &self,
         name: &str,
         old: Option<&Entry>,
         files: &[FileOut],
+        whole: bool,
+        current: Option<ObjectVersion>,
     ) -> Result<(String, ObjectVersion, Vec<TreePath>), WriteError> {
         let pname = PackageName::new(name).map_err(PublishError::from)?;
         let niso_path = self
@@ -1101,22 +1140,31 @@ impl Publisher {
         let Content::Bytes(bytes) = &niso.content else {
             return Err(PublishError::Invalid(format!("{niso_path} is not a document")).into());
         };
-        let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
-        let version = self
-            .store
-            .put(
-                &niso_path,
-                Body::Bytes(bytes.clone().into()),
-                &niso.attributes,
-                mode,
-            )
-            .await?;
+        let version = match current {
+            Some(v) => v,
+            None => {
+                let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
+                self.store
+                    .put(
+                        &niso_path,
+                        Body::Bytes(bytes.clone().into()),
+                        &niso.attributes,
+                        mode,
+                    )
+                    .await?
+            }
+        };
         let derived: Vec<&FileOut> = files
             .iter()
             .filter(|f| f.path != niso_path)
-            .filter(|f| match &f.content {
-                Content::Bytes(b) if f.path == hex_path => old_hex != Some(&Digest256::of(b)),
-                _ => !old_v1.contains(f),
+            .filter(|f| {
+                (whole && !(per_release(&f.path) && old_v1.contains(f)))
+                    || match &f.content {
+                        Content::Bytes(b) if f.path == hex_path => {
+                            old_hex != Some(&Digest256::of(b))
+                        }
+                        _ => !old_v1.contains(f),
+                    }
             })
             .collect();
         let futs: Vec<_> = derived
@@ -1314,6 +1362,13 @@ impl Publisher {
         model.fresh_files = Some(top);
         Ok(())
     }
+}
+
+/// A release's own v1 files (its downloads and manifest): every writer
+/// writes them with the same bytes, so no late write leaves them stale.
+fn per_release(path: &TreePath) -> bool {
+    let (rel, _) = layout::split_repository(path.as_str());
+    layout::FileKind::of(rel) == layout::FileKind::Download || rel.ends_with("/manifest")
 }
 
 /// What a freshness record lists, by path.
