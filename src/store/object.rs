@@ -9,12 +9,16 @@
 //!
 //! An archive is sent in one PUT (create-only needs it: a multipart upload
 //! cannot be made conditional portably), from a memory map of the staged
-//! file, so the process does not copy it onto its heap. S3 takes at most
-//! 5 GB in one PUT; niso's own limit is 1 GiB by default.
+//! file, so the process does not copy it onto its heap: the mapped pages
+//! are the file's page cache (counted as the process's `RssFile`, dropped
+//! by the kernel when memory is short). S3 takes at most 5 GB in one PUT;
+//! niso's own limit is 1 GiB by default. A copy S3 cannot make by itself
+//! (`latest/ARCH`, whose `Cache-Control` differs from the archive's) goes
+//! through this process, through a temp file in `TMPDIR` when large.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{
@@ -189,14 +193,53 @@ fn file_bytes(path: &std::path::Path) -> Result<Bytes, StoreError> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    // Safety: the staged file belongs to this process and is not changed
-    // while it is sent (it is only removed, which keeps the mapping valid).
+    // Safety: the staged file (or a copy's spool) belongs to this process
+    // and is not changed while it is sent (it is only removed, which keeps
+    // the mapping valid).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| StoreError::Io {
         action: "map",
         path: path.display().to_string(),
         source,
     })?;
     Ok(Bytes::from_owner(map))
+}
+
+/// Objects larger than this that a copy must read through this process are
+/// spooled through a temp file (in `TMPDIR`) instead of memory.
+const SPOOL_ABOVE: u64 = 8 << 20;
+
+impl ObjectBackend {
+    /// The object at `path`, written to a temp file (removed when the
+    /// returned path is dropped).
+    async fn spool(&self, path: &TreePath) -> Result<tempfile::TempPath, StoreError> {
+        use tokio::io::AsyncWriteExt;
+        let io = |action: &'static str| {
+            let path = path.to_string();
+            move |source| StoreError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let Some((_, mut stream)) = self.get_stream(path).await? else {
+            return Err(StoreError::NotFound {
+                path: path.to_string(),
+            });
+        };
+        let tmp = tempfile::NamedTempFile::new()
+            .map_err(io("create a temp file for"))?
+            .into_temp_path();
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .await
+            .map_err(io("open a temp file for"))?;
+        while let Some(chunk) = stream.try_next().await? {
+            file.write_all(&chunk).await.map_err(io("spool"))?;
+        }
+        file.flush().await.map_err(io("spool"))?;
+        Ok(tmp)
+    }
 }
 
 #[async_trait::async_trait]
@@ -206,14 +249,32 @@ impl Store for ObjectBackend {
     }
 
     async fn get(&self, path: &TreePath) -> Result<Option<Object>, StoreError> {
-        let Some((meta, stream)) = self.get_stream(path).await? else {
+        let Some((meta, mut stream)) = self.get_stream(path).await? else {
             return Ok(None);
         };
-        let chunks: Vec<Bytes> = stream.try_collect().await?;
-        let bytes = if chunks.len() == 1 {
-            chunks.into_iter().next().unwrap_or_default()
-        } else {
-            Bytes::from(chunks.concat())
+        // One chunk (the in-memory store, a small object) is kept as it is;
+        // more are gathered into one buffer of the object's size, so the
+        // object is held once, not twice.
+        let mut first: Option<Bytes> = None;
+        let mut buf: Option<BytesMut> = None;
+        while let Some(chunk) = stream.try_next().await? {
+            match (&mut buf, first.take()) {
+                (Some(b), _) => b.extend_from_slice(&chunk),
+                (None, None) => first = Some(chunk),
+                (None, Some(f)) => {
+                    // The size the server claims, up to a bound: a wrong
+                    // claim costs a reallocation, never a huge reservation.
+                    let cap = usize::try_from(meta.size.min(64 << 20)).unwrap_or(0);
+                    let mut b = BytesMut::with_capacity(cap.max(f.len() + chunk.len()));
+                    b.extend_from_slice(&f);
+                    b.extend_from_slice(&chunk);
+                    buf = Some(b);
+                }
+            }
+        }
+        let bytes = match buf {
+            Some(b) => b.freeze(),
+            None => first.unwrap_or_default(),
         };
         Ok(Some(Object { meta, bytes }))
     }
@@ -347,11 +408,17 @@ impl Store for ObjectBackend {
                 });
         }
         // Otherwise through this process: the cost of a second path with
-        // other attributes (`latest/ARCH`) on an object store.
-        let obj = self.get(from).await?.ok_or_else(|| StoreError::NotFound {
-            path: from.to_string(),
-        })?;
-        self.put(to, Body::Bytes(obj.bytes), attributes, mode).await
+        // other attributes (`latest/ARCH`) on an object store. A large
+        // object goes through a temp file, never whole onto the heap.
+        if source.size <= SPOOL_ABOVE {
+            let obj = self.get(from).await?.ok_or_else(|| StoreError::NotFound {
+                path: from.to_string(),
+            })?;
+            return self.put(to, Body::Bytes(obj.bytes), attributes, mode).await;
+        }
+        let spooled = self.spool(from).await?;
+        self.put(to, Body::File(spooled.to_path_buf()), attributes, mode)
+            .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<TreePath>, StoreError> {
