@@ -364,6 +364,74 @@ fn a_bucket_tree_answers_like_serve_and_verifies_over_http_and_s3() {
     assert!(ok, "{out}");
 }
 
+#[test]
+fn init_refuses_a_bucket_it_cannot_use_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    let dd = tmp.path().join("data");
+    let init = |url: &str| {
+        moto.niso(&[
+            "registry",
+            "init",
+            "--data-dir",
+            p(&dd),
+            "--name",
+            "acme",
+            "--store",
+            url,
+        ])
+    };
+    // No such bucket: S3's own words, once, cut to what matters.
+    let out = init("s3://nothere/tree");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("NoSuchBucket: The specified bucket does not exist"),
+        "{msg}"
+    );
+    assert!(!msg.contains("<?xml"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+    assert!(!dd.exists(), "a refused init left {}", dd.display());
+    // A plain http:// endpoint without AWS_ALLOW_HTTP.
+    moto.create_bucket("reg", None);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_niso"))
+        .args(["registry", "init", "--data-dir", p(&dd), "--name", "acme"])
+        .args(["--store", "s3://reg/tree"])
+        .envs(moto.env())
+        .env_remove("AWS_ALLOW_HTTP")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("set AWS_ALLOW_HTTP=true"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dd.exists());
+    // A prefix that holds another repository's tree (another key).
+    let other = tmp.path().join("other");
+    moto.niso_ok(&[
+        "registry",
+        "init",
+        "--data-dir",
+        p(&other),
+        "--name",
+        "acme",
+        "--store",
+        "s3://reg/taken",
+    ]);
+    let out = init("s3://reg/taken");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("s3://reg/taken: freshness: signature does not verify"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dd.exists());
+    // And once the bucket is right, init works.
+    init_on(&moto, tmp.path(), "s3://reg/tree");
+}
+
 /// A Hex tarball upload through `s`: (status, name, version, bytes).
 fn push(s: &Server, name: &str, version: &str) -> (u16, bool, Vec<u8>) {
     let bytes = hex_tarball(name, version);

@@ -48,9 +48,37 @@ fn remote(action: &'static str, path: &str) -> impl FnOnce(object_store::Error) 
         other => StoreError::Remote {
             action,
             path,
-            source: Box::new(other),
+            error: Box::new(other),
         },
     }
+}
+
+/// object_store's message for `e`, with S3's XML error document (which it
+/// quotes whole) cut down to its code and message, and at most 600 bytes.
+pub(super) fn summary(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let tag = |t: &str| {
+        let (open, close) = (format!("<{t}>"), format!("</{t}>"));
+        let a = text.find(&open)? + open.len();
+        let b = text[a..].find(&close)? + a;
+        Some(text[a..b].to_string())
+    };
+    let start = text.find("<?xml").or_else(|| text.find("<Error>"));
+    let shown = match (start, tag("Code")) {
+        (Some(i), Some(code)) => {
+            let message = tag("Message").unwrap_or_default();
+            format!("{}{code}: {message}", &text[..i])
+        }
+        _ => text.clone(),
+    };
+    if shown.len() <= 600 {
+        return shown;
+    }
+    let mut end = 600;
+    while !shown.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &shown[..end])
 }
 
 impl ObjectBackend {
@@ -84,15 +112,31 @@ impl ObjectBackend {
                 "an S3 store is s3://BUCKET or s3://BUCKET/PREFIX".into(),
             ));
         }
-        let s3 = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .build()
-            .map_err(|e| {
-                StoreError::Config(format!(
-                    "cannot use s3://{bucket_and_prefix}: {e} (set AWS_ENDPOINT_URL, \
+        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+        use object_store::ClientConfigKey;
+        let builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // object_store would refuse a plain http:// endpoint on the first
+        // request, in words that do not name the setting.
+        let endpoint = builder
+            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+        let allow_http = builder
+            .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+            .is_some_and(|v| v == "true");
+        if let Some(url) = endpoint.filter(|u| u.starts_with("http://")) {
+            if !allow_http {
+                return Err(StoreError::Config(format!(
+                    "the S3 endpoint is a plain http:// URL ({}); set AWS_ALLOW_HTTP=true to use it",
+                    super::cut(&url)
+                )));
+            }
+        }
+        let s3 = builder.build().map_err(|e| {
+            StoreError::Config(format!(
+                "cannot use s3://{bucket_and_prefix}: {e} (set AWS_ENDPOINT_URL, \
                      AWS_REGION and the credentials in the environment)"
-                ))
-            })?;
+            ))
+        })?;
         Ok(Self::new(
             Arc::new(s3),
             prefix,
