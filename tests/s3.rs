@@ -353,6 +353,27 @@ fn a_bucket_tree_answers_like_serve_and_verifies_over_http_and_s3() {
     ))
     .unwrap();
 
+    // niso's own client adds the bucket as a registry and pulls from it.
+    let home = tmp.path().join("client");
+    let client_cmd = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_niso"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("XDG_STATE_HOME", home.join("state"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}:\n{}", text(&out));
+        text(&out)
+    };
+    client_cmd(&["registry", "add", "bucket", &http, "--yes"]);
+    let out = client_cmd(&["pull", "my-app:stable", "--arch", "x86_64"]);
+    assert!(out.contains("Pulled my-app 1.0.0 (x86_64)"), "{out}");
+
     // A real Hex client reads a copy of the bucket.
     let copy = tmp.path().join("copy");
     for (k, bytes) in &objects {
