@@ -268,7 +268,13 @@ fn a_bucket_tree_answers_like_serve_and_verifies_over_http_and_s3() {
         if !org {
             assert_eq!(from_bucket.status(), StatusCode::OK, "bucket {key}");
             assert!(from_bucket.headers().contains_key("etag"), "{key}: no ETag");
-            for h in ["content-type", "cache-control", "content-disposition"] {
+            // The same ETag too: serve's is the object's.
+            for h in [
+                "content-type",
+                "cache-control",
+                "content-disposition",
+                "etag",
+            ] {
                 assert_eq!(
                     header(&from_bucket, h),
                     header(&from_serve, h),
