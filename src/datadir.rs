@@ -98,16 +98,11 @@ impl DataDir {
                 path: root.display().to_string(),
             });
         }
-        for dir in ["keys", PUBLIC_DIR, STAGING_DIR] {
-            let d = root.join(dir);
-            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
-        }
         let key = match import_key {
             Some(p) => RepoKey::from_file(p)?,
             None => RepoKey::generate()?,
         };
-        let key_path = root.join(KEY_FILE);
-        write_private(&key_path, key.to_pkcs8_pem()?.as_bytes())?;
+        let pem = key.to_pkcs8_pem()?;
         let config = Config {
             name: name.to_string(),
             store: store.map(str::to_string),
@@ -116,16 +111,32 @@ impl DataDir {
             path: config_path.display().to_string(),
             reason: e.to_string(),
         })?;
-        fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
         let this = Self {
             root: root.to_path_buf(),
             config,
             repository: name.clone(),
         };
-        this.publisher(Arc::new(key), Layout::root(), Options::default(), None)
-            .await?
-            .refresh()
-            .await?;
+        // The store is reached (a bucket: the settings, the credentials)
+        // before anything is written, and the config is written last: until
+        // it exists the directory is no registry, and init can run again.
+        let publisher = this
+            .publisher(Arc::new(key), Layout::root(), Options::default(), None)
+            .await
+            .map_err(|e| match store {
+                // Say which store: the data directory is named already.
+                Some(url) => DataDirError::Config {
+                    path: url.to_string(),
+                    reason: e.to_string(),
+                },
+                None => e,
+            })?;
+        for dir in ["keys", PUBLIC_DIR, STAGING_DIR] {
+            let d = root.join(dir);
+            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+        }
+        write_private(&root.join(KEY_FILE), pem.as_bytes())?;
+        publisher.refresh().await?;
+        fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
         Ok(this)
     }
 

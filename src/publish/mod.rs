@@ -418,9 +418,37 @@ impl Publisher {
     }
 
     /// The versions of the global files and bins, and the generation.
+    /// The bins are found by one listing: only those that exist and changed
+    /// since this writer last read them are read (on S3 every read is a
+    /// request, and most of the 256 bins of a small repository are absent).
     async fn read_globals(&self, model: &mut Model) -> Result<(), PublishError> {
+        let bins_dir = format!("{}/", self.layout.dir(layout::FRESHNESS_BINS_DIR));
+        let listed: HashMap<String, ObjectVersion> = self
+            .store
+            .list_versions(&self.layout.dir(layout::FRESHNESS_BINS_DIR))
+            .await?
+            .into_iter()
+            .filter_map(|(p, v)| {
+                let bin = p.as_str().strip_prefix(&bins_dir)?;
+                let rel = format!("{}/{bin}", layout::FRESHNESS_BINS_DIR);
+                Some((rel, v))
+            })
+            .collect();
         let mut rels: Vec<String> = GLOBALS.iter().map(|s| s.to_string()).collect();
-        rels.extend((0..=255u8).map(Layout::freshness_bin_rel));
+        let mut kept: Vec<(String, ObjectVersion, Digest256)> = Vec::new();
+        for rel in (0..=255u8).map(Layout::freshness_bin_rel) {
+            match (
+                listed.get(&rel),
+                model.seen.get(&rel),
+                model.written.get(&rel),
+            ) {
+                (None, _, _) => {}
+                (Some(v), Some(Some(seen)), Some(d)) if v == seen => {
+                    kept.push((rel, v.clone(), d.clone()))
+                }
+                (Some(_), _, _) => rels.push(rel),
+            }
+        }
         let reads: Vec<_> = rels
             .into_iter()
             .map(|rel| async move {
@@ -429,9 +457,15 @@ impl Publisher {
                 Ok::<_, PublishError>((rel, got.map(|o| (o.meta.version, Digest256::of(&o.bytes)))))
             })
             .collect();
-        let read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
+        let mut read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
+        read.extend(kept.into_iter().map(|(rel, v, d)| (rel, Some((v, d)))));
         model.seen.clear();
         model.written.clear();
+        // A bin not listed is known missing (one created since makes this
+        // writer's create of it fail, and it reloads).
+        for rel in (0..=255u8).map(Layout::freshness_bin_rel) {
+            model.seen.insert(rel, None);
+        }
         for (rel, got) in read {
             match got {
                 Some((v, d)) => {
@@ -1010,17 +1044,32 @@ impl Publisher {
         model: &mut Model,
         plan: impl Fn(&Model, usize) -> Result<(Plan, T), PublishError>,
     ) -> Result<T, PublishError> {
-        // What an attempt that lost left to do: the next one does it.
-        let mut pending = Pending::default();
+        // Removals due from attempts that lost (see `write`).
+        let mut carried: Vec<TreePath> = Vec::new();
+        // Packages an attempt that lost may have written part of: their
+        // index may be in the tree already (so the retry finds nothing to
+        // change) while files derived from it, or the shared files, were
+        // written by another writer from an older view, or overwritten by
+        // this one's late writes. Each retry writes them whole again.
+        let mut unfinished: BTreeSet<String> = BTreeSet::new();
         for attempt in 0..MAX_ATTEMPTS {
-            let (p, out) = plan(model, attempt)?;
+            let (mut p, out) = plan(model, attempt)?;
+            for name in &unfinished {
+                if let Some(e) = model.packages.get(name) {
+                    p.packages
+                        .entry(name.clone())
+                        .or_insert_with(|| e.index.clone());
+                }
+            }
+            let touched: Vec<String> = p.packages.keys().cloned().collect();
             let started = std::time::Instant::now();
-            match self.write(model, p, &mut pending).await {
+            match self.write(model, p, &unfinished, &mut carried).await {
                 Ok(()) => {
                     tracing::debug!(attempt, ms = ms(started.elapsed()), "change written");
                     return Ok(out);
                 }
                 Err(WriteError::Conflict(path)) => {
+                    unfinished.extend(touched);
                     tracing::info!(%path, attempt, "another writer changed the tree; reloading");
                     if let Err(e) = self.reload(model).await {
                         model.dirty = true;
@@ -1044,36 +1093,27 @@ impl Publisher {
     }
 
     /// Writes a change, stage by stage, and brings the model up to date
-    /// with it. On an error the model is left as it was, and `pending` holds
-    /// what the next attempt must do besides its own plan.
+    /// with it. On an error the model is left as it was.
+    /// `unfinished`: packages written whole even if their index does not
+    /// change (see [`Publisher::apply`]). `carried`: removals of the change
+    /// kept across attempts (a retry may find the change made, with nothing
+    /// left to plan, and its archive still to remove).
     async fn write(
         &self,
         model: &mut Model,
         plan: Plan,
-        pending: &mut Pending,
+        unfinished: &BTreeSet<String>,
+        carried: &mut Vec<TreePath>,
     ) -> Result<(), WriteError> {
         // Packages whose content does not change are left alone.
         let changes: Vec<(String, pb::Package)> = plan
             .packages
             .into_iter()
-            .filter(|(n, p)| model.packages.get(n).map(|e| &e.index) != Some(p))
+            .filter(|(n, p)| {
+                unfinished.contains(n) || model.packages.get(n).map(|e| &e.index) != Some(p)
+            })
             .collect();
-        // Derived files another writer may have overwritten with older
-        // ones while this writer's attempt lost: written again, from the
-        // package's index as it is now.
-        let repairs: Vec<(String, pb::Package)> = pending
-            .repair
-            .iter()
-            .filter(|n| !changes.iter().any(|(c, _)| c == *n))
-            .filter_map(|n| model.packages.get(n).map(|e| (n.clone(), e.index.clone())))
-            .collect();
-        if changes.is_empty()
-            && repairs.is_empty()
-            && !plan.refresh
-            && plan.removals.is_empty()
-            && !pending.globals
-            && pending.stale.is_empty()
-        {
+        if changes.is_empty() && !plan.refresh && plan.removals.is_empty() && carried.is_empty() {
             return Ok(());
         }
 
@@ -1081,7 +1121,6 @@ impl Publisher {
         let rendered: Vec<Rendered> = cpu(|| {
             changes
                 .par_iter()
-                .chain(repairs.par_iter())
                 .map(|(name, pkg)| {
                     let (files, digests) =
                         render::package_files(&self.layout, pkg, self.signer.as_ref())?;
@@ -1089,45 +1128,26 @@ impl Publisher {
                 })
                 .collect::<Result<_, PublishError>>()
         })?;
-        let (to_write, to_repair) = rendered.split_at(changes.len());
-        let mut futs = Vec::with_capacity(rendered.len());
-        for (name, _, files, _) in to_write {
-            futs.push(self.write_package(name, model.packages.get(name), files, false));
-        }
-        for (name, _, files, _) in to_repair {
-            futs.push(self.write_package(name, model.packages.get(name), files, true));
-        }
-        // Every package's write runs to its end (none is cut off half way
-        // by another's conflict), then the outcome is weighed.
-        let results = all(futs).await;
-        if results.iter().any(Result::is_ok) {
-            // The change is (partly) in the tree: its removals are due even
-            // if a retry finds nothing left to change.
-            pending.stale.extend(plan.removals.iter().cloned());
-        }
+        let mut stale: Vec<TreePath> = Vec::new();
+        let futs: Vec<_> = rendered
+            .iter()
+            .map(|(name, pkg, files, _)| {
+                let old = model.packages.get(name);
+                let whole = unfinished.contains(name);
+                // Its index as the tree holds it already: kept, not written
+                // again (which would make every other writer reload it).
+                let current = old
+                    .filter(|e| whole && &e.index == pkg)
+                    .and_then(|e| e.version.clone());
+                self.write_package(name, old, files, whole, current)
+            })
+            .collect();
+        carried.extend(plan.removals.iter().cloned());
+        let written: Vec<(String, ObjectVersion, Vec<TreePath>)> = try_all(futs).await?;
         let mut new_versions = HashMap::new();
-        let mut conflict = None;
-        for r in results {
-            match r {
-                Ok(w) => {
-                    pending.globals = true;
-                    pending.stale.extend(w.removed);
-                    if w.superseded {
-                        conflict.get_or_insert(w.name.clone());
-                        pending.repair.insert(w.name);
-                    } else {
-                        pending.repair.remove(&w.name);
-                        new_versions.insert(w.name, w.version);
-                    }
-                }
-                Err(WriteError::Conflict(path)) => {
-                    conflict.get_or_insert(path);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if let Some(path) = conflict {
-            return Err(WriteError::Conflict(path));
+        for (name, version, removed) in written {
+            new_versions.insert(name, version);
+            stale.extend(removed);
         }
 
         // Stages 3–6: the shared files, from the model with the change.
@@ -1147,11 +1167,9 @@ impl Publisher {
             .await?;
 
         // Stage 7: what no index names any more.
-        let mut stale: BTreeSet<TreePath> =
-            std::mem::take(&mut pending.stale).into_iter().collect();
-        stale.extend(plan.removals);
-        *pending = Pending::default();
-        for path in &stale {
+        carried.extend(stale);
+        let removals: BTreeSet<TreePath> = std::mem::take(carried).into_iter().collect();
+        for path in &removals {
             if let Err(e) = self.store.delete(path).await {
                 // The change is complete without it: recovery removes it.
                 tracing::warn!(%path, error = %e, "could not remove a file no index names");
@@ -1165,13 +1183,18 @@ impl Publisher {
     /// package's truth), then its derived files. Returns the new version of
     /// the niso index and the derived files it no longer has, to remove once
     /// the shared files stop naming them.
+    /// With `whole`, every derived file is written (but a release's own
+    /// files `old` had), not only those that differ from `old`'s; with
+    /// `current`, the niso index is that version in the tree already and is
+    /// not written.
     async fn write_package(
         &self,
         name: &str,
         old: Option<&Entry>,
         files: &[FileOut],
-        repair: bool,
-    ) -> Result<PackageWrite, WriteError> {
+        whole: bool,
+        current: Option<ObjectVersion>,
+    ) -> Result<(String, ObjectVersion, Vec<TreePath>), WriteError> {
         let pname = PackageName::new(name).map_err(PublishError::from)?;
         let niso_path = self
             .layout
@@ -1197,10 +1220,9 @@ impl Publisher {
         let Content::Bytes(bytes) = &niso.content else {
             return Err(PublishError::Invalid(format!("{niso_path} is not a document")).into());
         };
-        // A repair rewrites the derived files of the index in the tree.
-        let version = match (repair, old.and_then(|e| e.version.clone())) {
-            (true, Some(v)) => v,
-            _ => {
+        let version = match current {
+            Some(v) => v,
+            None => {
                 let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
                 self.store
                     .put(
@@ -1216,7 +1238,7 @@ impl Publisher {
             .iter()
             .filter(|f| f.path != niso_path)
             .filter(|f| {
-                repair
+                (whole && !(per_release(&f.path) && old_v1.contains(f)))
                     || match &f.content {
                         Content::Bytes(b) if f.path == hex_path => {
                             old_hex != Some(&Digest256::of(b))
@@ -1230,25 +1252,22 @@ impl Publisher {
             .map(|f| self.put_file(f, PutMode::Overwrite))
             .collect();
         try_all(futs).await?;
+        // Another writer may have replaced the index meanwhile and written
+        // its derived files before these: then they are stale.
+        let now = self.store.head(&niso_path).await?.map(|m| m.version);
+        if now.as_ref() != Some(&version) {
+            return Err(WriteError::Conflict(niso_path.to_string()));
+        }
         let new_paths: BTreeSet<&TreePath> = files.iter().map(|f| &f.path).collect();
         let mut removed: Vec<TreePath> = old_v1
             .iter()
             .map(|f| f.path.clone())
             .filter(|p| !new_paths.contains(p))
             .collect();
-        if !repair && old_hex.is_some() && !new_paths.contains(&hex_path) {
+        if old_hex.is_some() && !new_paths.contains(&hex_path) {
             removed.push(hex_path);
         }
-        // Another writer may have replaced the index meanwhile and written
-        // its derived files before these: then they are stale, and are
-        // written again from the index that won.
-        let now = self.store.head(&niso_path).await?.map(|m| m.version);
-        Ok(PackageWrite {
-            name: name.to_string(),
-            superseded: now.as_ref() != Some(&version),
-            version,
-            removed: if repair { Vec::new() } else { removed },
-        })
+        Ok((name.to_string(), version, removed))
     }
 
     async fn put_file(&self, f: &FileOut, mode: PutMode) -> Result<ObjectVersion, StoreError> {
@@ -1437,6 +1456,13 @@ impl Publisher {
     }
 }
 
+/// A release's own v1 files (its downloads and manifest): every writer
+/// writes them with the same bytes, so no late write leaves them stale.
+fn per_release(path: &TreePath) -> bool {
+    let (rel, _) = layout::split_repository(path.as_str());
+    layout::FileKind::of(rel) == layout::FileKind::Download || rel.ends_with("/manifest")
+}
+
 /// What a freshness record lists, by path.
 fn fresh_listing(f: &pb::Freshness) -> BTreeMap<String, Digest256> {
     f.files
@@ -1461,30 +1487,6 @@ type Rendered = (
     Vec<FileOut>,
     BTreeMap<String, Digest256>,
 );
-
-/// One package written by [`Publisher::write_package`].
-struct PackageWrite {
-    name: String,
-    /// Of `niso/packages/NAME`, as this writer wrote (or repaired) it.
-    version: ObjectVersion,
-    /// Derived files the package no longer has.
-    removed: Vec<TreePath>,
-    /// Another writer replaced the index after this one: the derived files
-    /// may be older than it.
-    superseded: bool,
-}
-
-/// What an attempt of a change left to the next one.
-#[derive(Default)]
-struct Pending {
-    /// Package files were written: the shared files must be too, even if
-    /// the next attempt finds nothing new to render.
-    globals: bool,
-    /// Derived files no index names any more, to remove at the end.
-    stale: Vec<TreePath>,
-    /// Packages whose derived files must be written again.
-    repair: BTreeSet<String>,
-}
 
 /// The packages a change gives new content, with their new versions.
 #[derive(Default)]
