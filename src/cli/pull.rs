@@ -104,13 +104,6 @@ impl PullArgs {
         if release.retired.is_some() {
             eprintln!("niso: warning: {what} is retired by its publisher");
         }
-        let mut download = tempfile::tempfile().context("cannot create a temp file")?;
-        session
-            .reader
-            .download(&pkg, release, artifact, &mut download)?;
-        if self.require_signature {
-            check_signature(&what, artifact, &publisher_keys, &download)?;
-        }
         let store = PackageStore::open_default()?;
         let dest = store.destination(
             &registry.name,
@@ -119,7 +112,14 @@ impl PullArgs {
             &release.version,
             download_name(&artifact.path),
         )?;
-        store.install(&mut download, &dest)?;
+        let mut download = store.download_file()?;
+        session
+            .reader
+            .download(&pkg, release, artifact, &mut download)?;
+        if self.require_signature {
+            check_signature(&what, artifact, &publisher_keys, &download)?;
+        }
+        store.install_download(&mut download, &dest)?;
         session.remember(&fresh)?;
         if ctx.json {
             ctx.emit(

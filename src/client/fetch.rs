@@ -222,8 +222,9 @@ impl RepoReader {
 
     /// Downloads an artifact into `out`, checking its size and SHA-256
     /// against the signed index as it streams (at most `size` bytes are
-    /// read), then its contents (name, version and arch) with the archive
-    /// reader. `out` must be a fresh, empty file.
+    /// read, and hashed once), then what the archive says it is (name,
+    /// version and arch, from its head: see [`identify`]). `out` must be a
+    /// fresh, empty file.
     pub fn download(
         &self,
         pkg: &pb::Package,
@@ -236,7 +237,9 @@ impl RepoReader {
         let (n, digest) = {
             let mut file: &std::fs::File = out;
             let mut hashing = HashingWriter {
-                inner: std::io::BufWriter::new(&mut file),
+                // 1 MiB writes: a hundred for a 100 MiB archive, not the
+                // 13,000 of the default 8 KiB.
+                inner: std::io::BufWriter::with_capacity(1 << 20, &mut file),
                 hasher: Sha256::new(),
             };
             let n = match self
@@ -257,27 +260,96 @@ impl RepoReader {
         };
         check_artifact_bytes(&location, artifact, n, digest.as_slice())?;
         out.rewind()?;
-        let info =
-            archive::inspect(std::io::BufReader::new(&mut *out), &self.limits).map_err(|e| {
-                ReadError::ArchiveContent {
-                    path: location.clone(),
-                    reason: format!("not a valid archive: {e}"),
-                }
+        let (name, version, arch) = identify(std::io::BufReader::new(&mut *out), &self.limits)
+            .map_err(|reason| ReadError::ArchiveContent {
+                path: location.clone(),
+                reason: format!("not a valid archive: {reason}"),
             })?;
-        if info.name.as_str() != pkg.name
-            || info.version.as_str() != release.version
-            || info.arch.as_str() != artifact.arch
-        {
+        if name != pkg.name || version != release.version || arch != artifact.arch {
             return Err(ReadError::ArchiveContent {
                 path: location,
                 reason: format!(
-                    "it holds {} {} ({}), the signed index says {} {} ({})",
-                    info.name, info.version, info.arch, pkg.name, release.version, artifact.arch
+                    "it holds {name} {version} ({arch}), the signed index says {} {} ({})",
+                    pkg.name, release.version, artifact.arch
                 ),
             });
         }
         Ok(())
     }
+}
+
+fn path_of<R: std::io::Read>(e: &tar::Entry<'_, R>) -> Result<String, String> {
+    Ok(e.path()
+        .map_err(|e| e.to_string())?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// What an archive says it is, (name, version, arch), read from its head
+/// only: a `.niso`'s first entry `niso.toml` (a few KiB inflated), a Hex
+/// tarball's `metadata.config` (before its `contents.tar.gz`).
+///
+/// Not the whole archive again: every path that makes an index name an
+/// archive (upload, `publish`, `build`, recovery) first runs the registry's
+/// full check of it (`archive::inspect`: every entry, the gzip stream to its
+/// end), and the SHA-256 the caller has just verified binds these bytes to
+/// that signed index. Re-reading it all inflated every byte, which was most
+/// of a pull's CPU (see BENCHMARKS.md, "Pull"). What is left to check here
+/// is that the index names the archive for what it is.
+pub fn identify(
+    mut reader: impl std::io::BufRead,
+    limits: &Limits,
+) -> Result<(String, String, String), String> {
+    use std::io::Read;
+    let small = |r: &mut dyn Read, file: &str| -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        r.take(limits.max_metadata + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("{file}: {e}"))?;
+        if out.len() as u64 > limits.max_metadata {
+            return Err(format!(
+                "{file} is larger than {} bytes",
+                limits.max_metadata
+            ));
+        }
+        Ok(out)
+    };
+    let head = reader.fill_buf().map_err(|e| e.to_string())?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let mut tar = tar::Archive::new(flate2::bufread::GzDecoder::new(reader));
+        let mut entries = tar.entries().map_err(|e| e.to_string())?;
+        let mut first = entries
+            .next()
+            .ok_or("no entries")?
+            .map_err(|e| e.to_string())?;
+        let path = path_of(&first)?;
+        if path != archive::niso::MANIFEST {
+            return Err(format!(
+                "its first entry is {path:?}, not {}",
+                archive::niso::MANIFEST
+            ));
+        }
+        let bytes = small(&mut first, archive::niso::MANIFEST)?;
+        let m = archive::niso::Manifest::parse(&bytes).map_err(|e| e.to_string())?;
+        return Ok((
+            m.name.to_string(),
+            m.version.to_string(),
+            m.arch.to_string(),
+        ));
+    }
+    let mut tar = tar::Archive::new(reader);
+    // VERSION, CHECKSUM, metadata.config, contents.tar.gz: the order the
+    // registry's reader requires.
+    for entry in tar.entries().map_err(|e| e.to_string())?.take(3) {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        if path_of(&entry)? == "metadata.config" {
+            let bytes = small(&mut entry, "metadata.config")?;
+            let text = String::from_utf8(bytes).map_err(|_| "metadata.config is not UTF-8")?;
+            let m = archive::hex_metadata::parse_metadata(&text).map_err(|e| e.to_string())?;
+            return Ok((m.name, m.version, Arch::ANY.to_string()));
+        }
+    }
+    Err("neither a .niso archive nor a Hex tarball with metadata.config".into())
 }
 
 /// Size and digest of downloaded bytes against the signed index (`n` is
@@ -596,6 +668,37 @@ mod tests {
             resolve(&p, &t, &arch("x86_64")),
             Err(ResolveError::NoTag { .. })
         ));
+    }
+
+    #[test]
+    fn an_archive_is_identified_from_its_head() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let id = |path: std::path::PathBuf| {
+            let f = std::fs::File::open(path).unwrap();
+            identify(std::io::BufReader::new(f), &Limits::default())
+        };
+        assert_eq!(
+            id(fixtures.join("niso/my-app-1.1.0-aarch64.niso")).unwrap(),
+            ("my-app".into(), "1.1.0".into(), "aarch64".into())
+        );
+        assert_eq!(
+            id(fixtures.join("hex/decimal-2.0.0.tar")).unwrap(),
+            ("decimal".into(), "2.0.0".into(), "any".into())
+        );
+        let read = |bytes: &[u8]| identify(bytes, &Limits::default());
+        assert!(read(b"").is_err());
+        assert!(read(b"not an archive at all").is_err());
+        // A gzip tar whose first entry is not the manifest.
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, "payload/x", &b"abc"[..]).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar.into_inner().unwrap()).unwrap();
+        let e = read(&gz.finish().unwrap()).unwrap_err();
+        assert!(e.contains("first entry is \"payload/x\""), "{e}");
     }
 
     #[test]
