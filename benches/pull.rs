@@ -25,7 +25,10 @@
 //!    of the children). Outputs are deleted after each run and the file
 //!    system synced before the next, so no run pays for another's writes.
 //!
-//! It prints a Markdown report and writes it to `target/bench-pull.md`.
+//! It prints a Markdown report and writes it to `target/bench-pull.md`:
+//! per host and client the median and fastest wall time, the median user
+//! and system CPU, and pull's medians over curl's, of wall time and (in
+//! parentheses) of CPU time, which a loaded machine disturbs less.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
@@ -375,7 +378,7 @@ fn run() -> Result<()> {
     writeln!(report)?;
     writeln!(
         report,
-        "| host | client | wall s, median (min) | MiB/s (median) | user s | sys s | pull / curl (medians) | load before / after |"
+        "| host | client | wall s, median (min) | MiB/s (median) | user s | sys s | pull / curl, wall (CPU) | load before / after |"
     )?;
     writeln!(report, "|---|---|---:|---:|---:|---:|---:|---|")?;
 
@@ -445,7 +448,9 @@ fn run() -> Result<()> {
         let load_after = loadavg(1);
         let walls = |v: &[Sample]| v.iter().map(|s| s.wall).collect::<Vec<_>>();
         let (cw, pw) = (walls(&curls), walls(&pulls));
+        let cpu = |v: &[Sample]| median(&v.iter().map(|s| s.user + s.sys).collect::<Vec<_>>());
         let ratio = median(&pw) / median(&cw);
+        let cpu_ratio = cpu(&pulls) / cpu(&curls);
         for (client_name, samples, w) in [("curl", &curls, &cw), ("niso pull", &pulls, &pw)] {
             writeln!(
                 report,
@@ -458,7 +463,7 @@ fn run() -> Result<()> {
                 if client_name == "curl" {
                     String::new()
                 } else {
-                    format!("{ratio:.2}×")
+                    format!("{ratio:.2}× ({cpu_ratio:.2}×)")
                 },
             )?;
         }

@@ -132,6 +132,8 @@ impl PackageStore {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = dir.join(format!(".pull-{}-{file_name}", std::process::id()));
+        // Left by a pull of a process with this id that was cut off.
+        let _ = std::fs::remove_file(&tmp);
         if link_anonymous(download, &tmp).is_err() {
             return self.install(download, dest);
         }
@@ -259,7 +261,7 @@ mod tests {
             .filter(|e| e.file_type().is_file())
             .map(|e| e.into_path())
             .collect();
-        assert_eq!(files, [dest.clone()]);
+        assert_eq!(files, std::slice::from_ref(&dest));
         // A download dropped before it is installed leaves no file.
         let mut f = s.download_file().unwrap();
         f.write_all(b"refused").unwrap();
