@@ -8,6 +8,7 @@
 //! these files: `niso registry serve`, nginx, S3, `python3 -m http.server`.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -222,7 +223,7 @@ impl RepoReader {
 
     /// Downloads an artifact into `out`, checking its size and SHA-256
     /// against the signed index as it streams (at most `size` bytes are
-    /// read, and hashed once), then what the archive says it is (name,
+    /// read, and hashed once, on a second thread), then what the archive says it is (name,
     /// version and arch, from its head: see [`identify`]). `out` must be a
     /// fresh, empty file.
     pub fn download(
@@ -234,30 +235,44 @@ impl RepoReader {
     ) -> Result<(), ReadError> {
         use std::io::Seek;
         let location = self.transport.location(&artifact.path);
-        let (n, digest) = {
-            let mut file: &std::fs::File = out;
-            let mut hashing = HashingWriter {
-                // 1 MiB writes: a hundred for a 100 MiB archive, not the
-                // 13,000 of the default 8 KiB.
-                inner: std::io::BufWriter::with_capacity(1 << 20, &mut file),
-                hasher: Sha256::new(),
-            };
-            let n = match self
-                .transport
-                .fetch_to(&artifact.path, &mut hashing, artifact.size)
-            {
-                Ok(n) => n,
-                Err(TransportError::TooLarge { .. }) => {
-                    return Err(ReadError::ArchiveTooLarge {
-                        path: location,
-                        expected: artifact.size,
-                    })
+        let fetched = std::thread::scope(|scope| {
+            // SHA-256 on a thread of its own, beside the one that receives
+            // and writes: hashing inline was a third of a pull's CPU, all on
+            // its critical path (BENCHMARKS.md, "Pull").
+            let (chunks, hashed) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(4);
+            let hasher = scope.spawn(move || {
+                let mut h = Sha256::new();
+                for c in hashed {
+                    h.update(&c[..]);
                 }
-                Err(e) => return Err(e.into()),
+                h.finalize()
+            });
+            let mut tee = Tee {
+                file: &*out,
+                buf: Vec::with_capacity(Tee::CHUNK),
+                chunks: Some(chunks),
             };
-            hashing.inner.flush()?;
-            (n, hashing.hasher.finalize())
+            let n = self
+                .transport
+                .fetch_to(&artifact.path, &mut tee, artifact.size);
+            let end = tee.finish();
+            let digest = hasher
+                .join()
+                .map_err(|_| std::io::Error::other("the hashing thread failed"));
+            (n, end, digest)
+        });
+        let n = match fetched.0 {
+            Ok(n) => n,
+            Err(TransportError::TooLarge { .. }) => {
+                return Err(ReadError::ArchiveTooLarge {
+                    path: location,
+                    expected: artifact.size,
+                })
+            }
+            Err(e) => return Err(e.into()),
         };
+        fetched.1?;
+        let digest = fetched.2?;
         check_artifact_bytes(&location, artifact, n, digest.as_slice())?;
         out.rewind()?;
         let (name, version, arch) = identify(std::io::BufReader::new(&mut *out), &self.limits)
@@ -377,19 +392,58 @@ pub fn check_artifact_bytes(
     Ok(())
 }
 
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
+/// Writes what passes to a file in large writes, and hands each chunk to
+/// a hashing thread.
+struct Tee<'a> {
+    file: &'a std::fs::File,
+    buf: Vec<u8>,
+    /// `None` once finished.
+    chunks: Option<std::sync::mpsc::SyncSender<Arc<Vec<u8>>>>,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+impl Tee<'_> {
+    /// 1 MiB writes: a hundred for a 100 MiB archive, not the 13,000 of
+    /// an 8 KiB buffer.
+    const CHUNK: usize = 1 << 20;
+
+    fn ship(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Arc::new(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(Self::CHUNK),
+        ));
+        // Sent first, so it is hashed while it is written.
+        self.chunks
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("write after the end"))?
+            .send(chunk.clone())
+            .map_err(|_| std::io::Error::other("the hashing thread stopped"))?;
+        let mut file = self.file;
+        file.write_all(&chunk)
+    }
+
+    /// Writes the rest and lets the hashing thread finish.
+    fn finish(&mut self) -> std::io::Result<()> {
+        let shipped = self.ship();
+        self.chunks = None;
+        shipped
+    }
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = Self::CHUNK - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == Self::CHUNK {
+            self.ship()?;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
 
