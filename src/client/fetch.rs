@@ -251,6 +251,8 @@ impl RepoReader {
                 file: &*out,
                 buf: Vec::with_capacity(Tee::CHUNK),
                 chunks: Some(chunks),
+                written: 0,
+                flushing: 0,
             };
             let n = self
                 .transport
@@ -399,12 +401,20 @@ struct Tee<'a> {
     buf: Vec<u8>,
     /// `None` once finished.
     chunks: Option<std::sync::mpsc::SyncSender<Arc<Vec<u8>>>>,
+    /// Bytes written, and the offset up to which the disk has been asked
+    /// to start writing them.
+    written: u64,
+    flushing: u64,
 }
 
 impl Tee<'_> {
     /// 1 MiB writes: a hundred for a 100 MiB archive, not the 13,000 of
     /// an 8 KiB buffer.
     const CHUNK: usize = 1 << 20;
+    /// How often the disk is asked to start writing what was written, so
+    /// the fsync before the download is installed has little left to do
+    /// (it was a fifth of a 100 MiB pull's time, after the transfer).
+    const FLUSH_EVERY: u64 = 8 << 20;
 
     fn ship(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {
@@ -421,7 +431,13 @@ impl Tee<'_> {
             .send(chunk.clone())
             .map_err(|_| std::io::Error::other("the hashing thread stopped"))?;
         let mut file = self.file;
-        file.write_all(&chunk)
+        file.write_all(&chunk)?;
+        self.written += chunk.len() as u64;
+        if self.written - self.flushing >= Self::FLUSH_EVERY {
+            start_writeback(self.file, self.flushing, self.written - self.flushing);
+            self.flushing = self.written;
+        }
+        Ok(())
     }
 
     /// Writes the rest and lets the hashing thread finish.
@@ -446,6 +462,25 @@ impl Write for Tee<'_> {
         Ok(())
     }
 }
+
+/// Starts writeback of a range of `file` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): advice, so a failure is
+/// ignored; the fsync that follows is what makes the file durable.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is open for as long as `file` is borrowed;
+    // the call reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
 /// What a user asked to pull: `NAME`, `NAME:VERSION` or `NAME:TAG`, the
 /// name possibly `ORG/NAME`.
