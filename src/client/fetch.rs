@@ -223,9 +223,9 @@ impl RepoReader {
 
     /// Downloads an artifact into `out`, checking its size and SHA-256
     /// against the signed index as it streams (at most `size` bytes are
-    /// read, and hashed once, on a second thread), then what the archive says it is (name,
-    /// version and arch, from its head: see [`identify`]). `out` must be a
-    /// fresh, empty file.
+    /// read, and hashed once, on a second thread), then what the archive
+    /// says it is (name, version and arch, from its head: see
+    /// [`identify`]). `out` must be a fresh, empty file.
     pub fn download(
         &self,
         pkg: &pb::Package,
