@@ -111,7 +111,15 @@ impl PullArgs {
         if release.retired.is_some() {
             eprintln!("niso: warning: {what} is retired by its publisher");
         }
-        let mut download = tempfile::tempfile().context("cannot create a temp file")?;
+        let store = PackageStore::open_default()?;
+        let dest = store.destination(
+            &registry.name,
+            org,
+            &want.name,
+            &release.version,
+            download_name(&artifact.path),
+        )?;
+        let mut download = store.download_file()?;
         session
             .reader
             .download(&pkg, release, artifact, &mut download)?;
@@ -123,15 +131,7 @@ impl PullArgs {
             };
             check_signature(&what, artifact, &keys, &download)?;
         }
-        let store = PackageStore::open_default()?;
-        let dest = store.destination(
-            &registry.name,
-            org,
-            &want.name,
-            &release.version,
-            download_name(&artifact.path),
-        )?;
-        store.install(&mut download, &dest)?;
+        store.install_download(&mut download, &dest)?;
         session.remember(&fresh)?;
         if ctx.json {
             ctx.emit(

@@ -43,6 +43,8 @@ pub enum RegistryCommand {
     Verify(VerifyArgs),
     /// Publish archives into a registry directly, without a server.
     Publish(PublishArgs),
+    /// Remove old versions: keep the N newest of every package and every tagged one.
+    Gc(super::gc::GcArgs),
 }
 
 impl RegistryCommand {
@@ -60,6 +62,7 @@ impl RegistryCommand {
             Self::Build(a) => a.run(ctx),
             Self::Verify(a) => a.run(ctx),
             Self::Publish(a) => a.run(ctx),
+            Self::Gc(a) => a.run(ctx),
         }
     }
 }

@@ -859,61 +859,61 @@ impl Publisher {
         version: &Version,
         arch: &Arch,
     ) -> Result<(), PublishError> {
+        let item = (name.clone(), version.clone(), arch.clone());
+        self.delete_many(std::slice::from_ref(&item))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(PublishError::Invalid("empty delete".into())))
+    }
+
+    /// Removes several artifacts as [`Publisher::delete`] does, with one
+    /// rewrite of the shared files for all of them (`gc` removes hundreds:
+    /// one `versions`, `names` and freshness record, not one per artifact).
+    /// The outer error: nothing was written. Each item then succeeds or
+    /// fails on its own (`NotFound`: not published, or named twice); the
+    /// others are removed all the same.
+    pub async fn delete_many(
+        &self,
+        items: &[(PackageName, Version, Arch)],
+    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
         let mut model = self.model.lock().await;
         self.ensure_clean(&mut model).await?;
         let now = (self.clock)();
         self.apply(&mut model, |model, attempt| {
-            // A retry after losing to another writer may find this delete
-            // made already (its tombstone in place): nothing left to plan.
-            let done = attempt > 0
-                && model.packages.get(name.as_str()).is_some_and(|e| {
-                    e.index
-                        .tombstones
-                        .iter()
-                        .any(|t| t.version == version.as_str() && t.arch == arch.as_str())
-                });
-            if done {
-                return Ok((Plan::default(), ()));
-            }
-            let not_found =
-                || PublishError::NotFound(format!("{name} {version} ({arch}) is not published"));
-            let mut pkg = model
-                .packages
-                .get(name.as_str())
-                .map(|e| e.index.clone())
-                .ok_or_else(not_found)?;
-            let ri = pkg
-                .releases
-                .iter()
-                .position(|r| r.version == version.as_str())
-                .ok_or_else(not_found)?;
-            let release = &mut pkg.releases[ri];
-            let ai = release
-                .artifacts
-                .iter()
-                .position(|a| a.arch == arch.as_str())
-                .ok_or_else(not_found)?;
-            let removed = release.artifacts.remove(ai);
-            if render::is_hex(&removed) {
-                release.inner_checksum.clear();
-                release.outer_checksum = None;
-                release.dependencies.clear();
-            }
-            if release.artifacts.is_empty() {
-                pkg.releases.remove(ri);
-                pkg.tags.retain(|t| t.version != version.as_str());
-            }
-            pkg.tombstones.push(pb::Tombstone {
-                version: version.to_string(),
-                arch: arch.to_string(),
-                sha256: removed.sha256.clone(),
-                deleted_at: now,
-            });
-            render::normalize(&mut pkg);
             let mut plan = Plan::default();
-            plan.removals.push(self.layout.path(&removed.path)?);
-            plan.packages.insert(name.to_string(), pkg);
-            Ok((plan, ()))
+            let mut out = Vec::with_capacity(items.len());
+            for (name, version, arch) in items {
+                let current = plan
+                    .packages
+                    .get(name.as_str())
+                    .or_else(|| model.packages.get(name.as_str()).map(|e| &e.index));
+                let mut pkg = match current {
+                    Some(p) => p.clone(),
+                    None => {
+                        out.push(Err(not_published(name, version, arch)));
+                        continue;
+                    }
+                };
+                let Some(removed) = remove_artifact(&mut pkg, version, arch, now) else {
+                    // A retry after losing to another writer may find this
+                    // delete made already (its tombstone in place).
+                    let done = attempt > 0
+                        && pkg
+                            .tombstones
+                            .iter()
+                            .any(|t| t.version == version.as_str() && t.arch == arch.as_str());
+                    out.push(if done {
+                        Ok(())
+                    } else {
+                        Err(not_published(name, version, arch))
+                    });
+                    continue;
+                };
+                plan.removals.push(self.layout.path(&removed.path)?);
+                plan.packages.insert(name.to_string(), pkg);
+                out.push(Ok(()));
+            }
+            Ok((plan, out))
         })
         .await
     }
@@ -1550,6 +1550,48 @@ fn restore_tombstone(pkg: &mut pb::Package, info: &ArchiveInfo) -> Result<(), Pu
 }
 
 /// Whether an index names the archive at `path`.
+fn not_published(name: &PackageName, version: &Version, arch: &Arch) -> PublishError {
+    PublishError::NotFound(format!("{name} {version} ({arch}) is not published"))
+}
+
+/// Takes (version, arch) out of `pkg`, leaving its tombstone; a release
+/// left without artifacts goes, with the tags that pointed at it. `None`:
+/// not published.
+fn remove_artifact(
+    pkg: &mut pb::Package,
+    version: &Version,
+    arch: &Arch,
+    now: i64,
+) -> Option<pb::Artifact> {
+    let ri = pkg
+        .releases
+        .iter()
+        .position(|r| r.version == version.as_str())?;
+    let release = &mut pkg.releases[ri];
+    let ai = release
+        .artifacts
+        .iter()
+        .position(|a| a.arch == arch.as_str())?;
+    let removed = release.artifacts.remove(ai);
+    if render::is_hex(&removed) {
+        release.inner_checksum.clear();
+        release.outer_checksum = None;
+        release.dependencies.clear();
+    }
+    if release.artifacts.is_empty() {
+        pkg.releases.remove(ri);
+        pkg.tags.retain(|t| t.version != version.as_str());
+    }
+    pkg.tombstones.push(pb::Tombstone {
+        version: version.to_string(),
+        arch: arch.to_string(),
+        sha256: removed.sha256.clone(),
+        deleted_at: now,
+    });
+    render::normalize(pkg);
+    Some(removed)
+}
+
 fn names_archive(pkg: &pb::Package, layout: &Layout, path: &TreePath) -> bool {
     pkg.releases
         .iter()
