@@ -13,7 +13,7 @@ use crate::client::{DirTransport, HttpTransport, Transport};
 use crate::datadir::{self, DataDir};
 use crate::ident::RepoName;
 use crate::index::{PublicKey, RepoKey, Signer};
-use crate::limits::Limits;
+use crate::limits::{LimitArgs, Limits};
 use crate::publish::{unix_now, Layout, Options, Publisher, Upload};
 use crate::store::{LocalStore, Store};
 
@@ -104,6 +104,8 @@ pub struct BuildArgs {
     /// RSA private key, PEM (plain directory only).
     #[arg(long, requires = "name")]
     private_key: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl BuildArgs {
@@ -153,7 +155,10 @@ impl BuildArgs {
                 signer.clone(),
                 repo.clone(),
                 layout,
-                Options::default(),
+                Options {
+                    limits: self.limits.apply(Limits::default()),
+                    ..Options::default()
+                },
             )
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
             let report = publisher.rebuild()?;
@@ -189,6 +194,8 @@ pub struct VerifyArgs {
     /// automatically in a local directory.
     #[arg(long = "org")]
     orgs: Vec<RepoName>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl VerifyArgs {
@@ -243,7 +250,7 @@ impl VerifyArgs {
                 &VerifyOptions {
                     repository: repo.to_string(),
                     public_key: key.clone(),
-                    limits: Limits::default(),
+                    limits: self.limits.apply(Limits::default()),
                     now: unix_now(),
                     listing,
                 },
@@ -288,6 +295,8 @@ pub struct PublishArgs {
     /// Archives: Hex tarballs (.tar) or .niso archives.
     #[arg(required = true)]
     archives: Vec<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl PublishArgs {
@@ -298,7 +307,14 @@ impl PublishArgs {
             Some(org) => Layout::organization(org),
             None => Layout::root(),
         };
-        let publisher = dd.publisher(Arc::new(dd.key()?), layout, Options::default())?;
+        let publisher = dd.publisher(
+            Arc::new(dd.key()?),
+            layout,
+            Options {
+                limits: self.limits.apply(Limits::default()),
+                ..Options::default()
+            },
+        )?;
         let limits = *publisher.limits();
         let mut failed = 0;
         for path in &self.archives {

@@ -12,6 +12,7 @@ use crate::auth::{ApiKey, KeyStore, Scopes};
 use crate::datadir::{self, DataDir};
 use crate::ident::RepoName;
 use crate::index::Signer;
+use crate::limits::{LimitArgs, Limits};
 use crate::publish::{unix_now, Options};
 use crate::server::{self, App, Settings};
 
@@ -62,6 +63,8 @@ pub struct ServeArgs {
     /// X-Forwarded-For instead of the proxy's.
     #[arg(long)]
     trust_proxy: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl ServeArgs {
@@ -138,7 +141,14 @@ impl ServeArgs {
                 dd.staging_dir(),
                 dd.repository().clone(),
                 Some(keys),
-                Some((dd.store(), signer, Options::default())),
+                Some((
+                    dd.store(),
+                    signer,
+                    Options {
+                        limits: self.limits.apply(Limits::default()),
+                        ..Options::default()
+                    },
+                )),
             )?;
             (app, Some(lock))
         };
