@@ -13,7 +13,7 @@ use crate::client::{HttpTransport, StoreTransport, Transport};
 use crate::datadir::{self, DataDir};
 use crate::ident::RepoName;
 use crate::index::{PublicKey, RepoKey, Signer};
-use crate::limits::Limits;
+use crate::limits::{LimitArgs, Limits};
 use crate::publish::{unix_now, Layout, Options, Publisher, StagedFile, Upload};
 use crate::store::{LocalStore, Store};
 
@@ -171,6 +171,8 @@ pub struct BuildArgs {
     /// configured one (s3://BUCKET/PREFIX or a directory).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl BuildArgs {
@@ -222,7 +224,10 @@ impl BuildArgs {
                 signer.clone(),
                 repo.clone(),
                 layout,
-                Options::default(),
+                Options {
+                    limits: self.limits.apply(Limits::default()),
+                    ..Options::default()
+                },
             )
             .await
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
@@ -280,6 +285,8 @@ pub struct VerifyArgs {
     /// automatically in a local directory.
     #[arg(long = "org")]
     orgs: Vec<RepoName>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl VerifyArgs {
@@ -344,7 +351,7 @@ impl VerifyArgs {
                 &VerifyOptions {
                     repository: repo.to_string(),
                     public_key: key.clone(),
-                    limits: Limits::default(),
+                    limits: self.limits.apply(Limits::default()),
                     now: unix_now(),
                     listing,
                 },
@@ -422,6 +429,8 @@ pub struct PublishArgs {
     /// Archives: Hex tarballs (.tar) or .niso archives.
     #[arg(required = true)]
     archives: Vec<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl PublishArgs {
@@ -439,7 +448,10 @@ impl PublishArgs {
             .publisher(
                 Arc::new(dd.key()?),
                 layout,
-                Options::default(),
+                Options {
+                    limits: self.limits.apply(Limits::default()),
+                    ..Options::default()
+                },
                 self.store.as_deref(),
             )
             .await?;
