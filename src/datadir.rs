@@ -98,16 +98,11 @@ impl DataDir {
                 path: root.display().to_string(),
             });
         }
-        for dir in ["keys", PUBLIC_DIR, STAGING_DIR] {
-            let d = root.join(dir);
-            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
-        }
         let key = match import_key {
             Some(p) => RepoKey::from_file(p)?,
             None => RepoKey::generate()?,
         };
-        let key_path = root.join(KEY_FILE);
-        write_private(&key_path, key.to_pkcs8_pem()?.as_bytes())?;
+        let pem = key.to_pkcs8_pem()?;
         let config = Config {
             name: name.to_string(),
             store: store.map(str::to_string),
@@ -116,16 +111,32 @@ impl DataDir {
             path: config_path.display().to_string(),
             reason: e.to_string(),
         })?;
-        fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
         let this = Self {
             root: root.to_path_buf(),
             config,
             repository: name.clone(),
         };
-        this.publisher(Arc::new(key), Layout::root(), Options::default(), None)
-            .await?
-            .refresh()
-            .await?;
+        // The store is reached (a bucket: the settings, the credentials)
+        // before anything is written, and the config is written last: until
+        // it exists the directory is no registry, and init can run again.
+        let publisher = this
+            .publisher(Arc::new(key), Layout::root(), Options::default(), None)
+            .await
+            .map_err(|e| match store {
+                // Say which store: the data directory is named already.
+                Some(url) => DataDirError::Config {
+                    path: url.to_string(),
+                    reason: e.to_string(),
+                },
+                None => e,
+            })?;
+        for dir in ["keys", PUBLIC_DIR, STAGING_DIR] {
+            let d = root.join(dir);
+            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+        }
+        write_private(&root.join(KEY_FILE), pem.as_bytes())?;
+        publisher.refresh().await?;
+        fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
         Ok(this)
     }
 
@@ -179,6 +190,39 @@ impl DataDir {
         self.root.join(STAGING_DIR)
     }
 
+    /// Removes the files a process that no longer runs left in `staging/`
+    /// (a server killed while it received or published uploads: an
+    /// upload's staged file is removed by the process that made it, which a
+    /// SIGKILL never lets happen). Files of running processes, this one's
+    /// and those of a `publish` beside it, stay. Returns how many went.
+    pub fn clean_staging(&self) -> Result<usize, DataDirError> {
+        let dir = self.staging_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("read", &dir)(e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(io_err("read", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // `KIND-PID-RANDOM`; another naming is an older niso's, whose
+            // writer did not name itself: no writer of this version owns it.
+            let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            let stale = match pid {
+                Some(p) => p != std::process::id() && !crate::store::is_alive(p),
+                None => true,
+            };
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if stale && is_file {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     pub fn key(&self) -> Result<RepoKey, DataDirError> {
         Ok(RepoKey::from_file(&self.root.join(KEY_FILE))?)
     }
@@ -198,6 +242,18 @@ impl DataDir {
     /// ```
     pub fn key_store(&self) -> Result<crate::auth::KeyStore, DataDirError> {
         Ok(crate::auth::KeyStore::open(&self.root.join(KEYS_FILE))?)
+    }
+
+    /// The publisher keys of the key store, as the tree lists them; `None`
+    /// when the data directory has no key store yet (never served).
+    pub fn publisher_keys(
+        &self,
+    ) -> Result<Option<Vec<crate::index::pb::PublisherKey>>, DataDirError> {
+        if !self.root.join(KEYS_FILE).is_file() {
+            return Ok(None);
+        }
+        let records = self.key_store()?.publisher_keys()?;
+        Ok(Some(records.iter().map(|r| r.to_index()).collect()))
     }
 
     /// The store the tree lives in: `url` if given (`--store`), else the
@@ -224,6 +280,12 @@ impl DataDir {
         };
         Ok(Publisher::open(self.store(store_url)?, signer, repository, layout, options).await?)
     }
+}
+
+/// The start of the name of a file staged by this process: `KIND-PID-`, so
+/// [`DataDir::clean_staging`] can tell whether its writer still runs.
+pub fn staging_prefix(kind: &str) -> String {
+    format!("{kind}-{}-", std::process::id())
 }
 
 /// Organization repositories present in a tree (`repos/*`).
@@ -257,4 +319,28 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     tmp.persist(path)
         .map_err(|e| io_err("write", path)(e.error))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_files_of_processes_that_are_gone_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(CONFIG_FILE), "name = \"acme\"\n").unwrap();
+        let dd = DataDir::open(dir.path()).unwrap();
+        assert_eq!(dd.clean_staging().unwrap(), 0, "no staging directory yet");
+        let staging = dd.staging_dir();
+        fs::create_dir_all(&staging).unwrap();
+        // Above any PID Linux hands out: a process that is gone.
+        let dead = staging.join("upload-4194304000-AbC123");
+        let mine = staging.join(format!("{}XyZ789", staging_prefix("publish")));
+        let older_niso = staging.join("upload-Qw3rTy");
+        for f in [&dead, &mine, &older_niso] {
+            fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(dd.clean_staging().unwrap(), 2);
+        assert!(!dead.exists() && !older_niso.exists() && mine.exists());
+    }
 }

@@ -1126,10 +1126,39 @@ fn pull_checks_publisher_signatures_when_asked() {
             "--publisher-key",
             p(&stranger),
         ],
-        "which is not one of the keys given",
+        "which is not one of the keys trusted",
     );
-    // --require-signature needs keys to check with.
-    c.fails(&["pull", "my-app:1.1.0", "--require-signature"], 2);
+    // Without --publisher-key, the keys the registry lists in its signed
+    // tree are trusted: the key registered above is there.
+    let (o, _) = c.ok(&[
+        "pull",
+        "my-app:1.1.0",
+        "--arch",
+        "x86_64",
+        "--require-signature",
+        "--json",
+    ]);
+    let id = json_lines(&o)[0]["publisher_key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        id.len(),
+        "ed25519:".len() + 64,
+        "the index names the key in full: {id}"
+    );
+    let keys = std::fs::read(s.tree().join("publisher-keys")).unwrap();
+    let public_key = niso::index::PublicKey::from_file(&s.tree().join("public_key")).unwrap();
+    let listed: niso::index::pb::PublisherKeys =
+        niso::index::decode_index(&keys, &public_key, "acme", 1 << 20).unwrap();
+    assert_eq!(listed.keys.len(), 1);
+    assert_eq!(listed.keys[0].id, id);
+    assert_eq!(
+        listed.keys[0].public_key,
+        sk.verifying_key().as_bytes().to_vec()
+    );
+    // The tree verifies, publisher signatures included.
+    s.assert_tree_verifies();
 }
 
 #[test]

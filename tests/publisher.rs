@@ -718,3 +718,90 @@ async fn two_writers_on_one_store_lose_nothing() {
     a.refresh().await.unwrap();
     assert_verifies(memory).await;
 }
+
+/// A `.niso` archive of `name` `version` for x86_64, staged for upload.
+fn niso_upload(name: &str, version: &str) -> Upload {
+    let src = tempfile::tempdir().unwrap();
+    let pkg = src.path().join("pkg");
+    std::fs::create_dir_all(pkg.join("payload/bin")).unwrap();
+    std::fs::write(pkg.join("payload/bin/run"), version).unwrap();
+    std::fs::write(
+        pkg.join("niso.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"{version}\"\narch = \"x86_64\"\n\
+             [binary]\nentrypoint = \"bin/run\"\n"
+        ),
+    )
+    .unwrap();
+    let (path, _) = niso::archive::niso::create(&pkg, src.path(), &Limits::default()).unwrap();
+    upload(&path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_on_the_same_packages_lose_nothing_acknowledged() {
+    let memory: Arc<dyn Store> = Arc::new(ObjectBackend::memory());
+    let writers: Vec<Arc<Publisher>> = vec![
+        Arc::new(open_store(memory.clone()).await),
+        Arc::new(open_store(memory.clone()).await),
+        Arc::new(open_store(memory.clone()).await),
+    ];
+    // Each writer publishes versions of the same three packages, tags, and
+    // deletes one of its own versions, all at once.
+    let mut tasks = Vec::new();
+    for (w, p) in writers.iter().enumerate() {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..6 {
+                let name = ["alpha", "beta", "gamma"][i % 3];
+                let version = format!("{w}.{i}.0");
+                p.publish(niso_upload(name, &version)).await.unwrap();
+                acknowledged.push((name, version.clone()));
+                p.set_tag(
+                    &PackageName::new(name).unwrap(),
+                    &TagName::new(&format!("w{w}")).unwrap(),
+                    &Version::new(&version).unwrap(),
+                )
+                .await
+                .unwrap();
+            }
+            // The first version of its own: deleted.
+            p.delete(
+                &PackageName::new("alpha").unwrap(),
+                &Version::new(&format!("{w}.0.0")).unwrap(),
+                &Arch::new("x86_64").unwrap(),
+            )
+            .await
+            .unwrap();
+            acknowledged.remove(0);
+            acknowledged
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for t in tasks {
+        acknowledged.extend(t.await.unwrap());
+    }
+    // One more change by any writer brings every shared file up to date;
+    // then a fresh reader sees everything acknowledged, and no deleted one.
+    writers[0].refresh().await.unwrap();
+    let reader = open_store(memory.clone()).await;
+    for (name, version) in &acknowledged {
+        let pkg = reader.package(name).await.unwrap();
+        assert!(
+            pkg.releases.iter().any(|r| r.version == *version),
+            "{name} {version} was acknowledged but is missing"
+        );
+    }
+    let alpha = reader.package("alpha").await.unwrap();
+    for w in 0..3 {
+        assert!(!alpha
+            .releases
+            .iter()
+            .any(|r| r.version == format!("{w}.0.0")));
+        assert!(alpha
+            .tombstones
+            .iter()
+            .any(|t| t.version == format!("{w}.0.0")));
+    }
+    assert_verifies(memory).await;
+}

@@ -1029,3 +1029,97 @@ fn reads_without_rate_limits_take_the_fast_path_with_the_same_answers() {
     assert!(error_of(r, StatusCode::NOT_FOUND).contains("no such file"));
     s.assert_tree_verifies();
 }
+
+#[test]
+fn a_deleted_version_never_serves_other_bytes_and_the_same_bytes_restore_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    let first = niso_archive("tool", "1.0.0", "x86_64", "first");
+    let url = "/v1/packages/tool/1.0.0/x86_64";
+    assert_eq!(
+        upload(&s, &s.admin, url, first.clone()).status(),
+        StatusCode::CREATED
+    );
+    let r = client()
+        .delete(s.url(url))
+        .bearer_auth(&s.admin)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        client().get(s.url(url)).send().unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    // Other bytes under the deleted name: refused, now and after a restart.
+    let other = niso_archive("tool", "1.0.0", "x86_64", "second");
+    let r = upload(&s, &s.admin, url, other.clone());
+    assert!(error_of(r, StatusCode::CONFLICT).contains("was deleted"));
+    let data_dir = s.data_dir.clone();
+    drop(s);
+    let s = Server::start_on(&data_dir, &[]);
+    let r = upload(&s, &s.admin, url, other);
+    assert!(error_of(r, StatusCode::CONFLICT).contains("was deleted"));
+    // The deleted bytes come back, served with what they always were.
+    assert_eq!(
+        upload(&s, &s.admin, url, first.clone()).status(),
+        StatusCode::CREATED
+    );
+    let got = client().get(s.url(url)).send().unwrap().bytes().unwrap();
+    assert_eq!(got.as_ref(), first.as_slice());
+    s.assert_tree_verifies();
+}
+
+#[test]
+fn build_and_publish_run_while_serve_runs_and_nothing_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    let dd = s.data_dir.clone();
+    // Uploads through the server while `publish` and `build` write the
+    // same tree from other processes.
+    let published: Vec<String> = std::thread::scope(|scope| {
+        let uploads = scope.spawn(|| {
+            let mut ok = Vec::new();
+            for i in 0..12 {
+                let v = format!("1.0.{i}");
+                let r = upload(
+                    &s,
+                    &s.admin,
+                    &format!("/v1/packages/served/{v}/x86_64"),
+                    niso_archive("served", &v, "x86_64", &v),
+                );
+                assert_eq!(r.status(), StatusCode::CREATED, "served {v}");
+                ok.push(format!("served {v}"));
+            }
+            ok
+        });
+        let offline = scope.spawn(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut ok = Vec::new();
+            for i in 0..4 {
+                let v = format!("2.0.{i}");
+                let path = dir.path().join(format!("offline-{v}-x86_64.niso"));
+                std::fs::write(&path, niso_archive("offline", &v, "x86_64", &v)).unwrap();
+                niso_ok(&["registry", "publish", "--data-dir", p(&dd), p(&path)]);
+                ok.push(format!("offline {v}"));
+                niso_ok(&["registry", "build", "--data-dir", p(&dd)]);
+            }
+            ok
+        });
+        let mut all = uploads.join().unwrap();
+        all.extend(offline.join().unwrap());
+        all
+    });
+    // Every acknowledged release is in the tree, seen by the server too.
+    for what in &published {
+        let (name, version) = what.split_once(' ').unwrap();
+        let r = client()
+            .get(s.url(&format!("/v1/packages/{name}/{version}/x86_64")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{what}");
+    }
+    let pkg = read_package(&s.tree(), "served");
+    assert_eq!(pkg.releases.len(), 12);
+    assert_eq!(read_package(&s.tree(), "offline").releases.len(), 4);
+    s.assert_tree_verifies();
+}

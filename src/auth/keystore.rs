@@ -128,10 +128,11 @@ impl KeyRecord {
     }
 }
 
-/// The id the index stores for a publisher key: `ed25519:` + the first 16 hex
-/// digits (64 bits) of the SHA-256 of the public key.
+/// The id the index stores for a publisher key: its full fingerprint
+/// ([`publisher_key_fingerprint`]), which binds the key (a 64-bit prefix,
+/// as indexes written before held, does not).
 pub fn publisher_key_id(public_key: &[u8; 32]) -> String {
-    format!("ed25519:{}", &hex::encode(Sha256::digest(public_key))[..16])
+    publisher_key_fingerprint(public_key)
 }
 
 /// The full fingerprint of a publisher key: `ed25519:` + the 64 hex digits
@@ -156,6 +157,16 @@ pub struct PublisherKeyRecord {
 }
 
 impl PublisherKeyRecord {
+    /// As the signed tree lists it (`publisher-keys`).
+    pub fn to_index(&self) -> crate::index::pb::PublisherKey {
+        crate::index::pb::PublisherKey {
+            id: self.fingerprint(),
+            public_key: self.public_key.to_vec(),
+            registered_at: self.registered_at,
+            retired_at: self.retired_at,
+        }
+    }
+
     /// What the index stores as `publisher_key_id` ([`publisher_key_id`]).
     pub fn index_key_id(&self) -> String {
         publisher_key_id(&self.public_key)
@@ -648,11 +659,10 @@ mod tests {
         );
         assert_eq!(listed[1].public_key, second);
         assert_eq!((listed[1].registered_at, listed[1].retired_at), (20, None));
-        // What the index stores, and the full fingerprint it is a prefix of.
+        // What the index stores: the full fingerprint, which binds the key.
         let id = listed[1].index_key_id();
-        assert_eq!(id.len(), "ed25519:".len() + 16);
-        assert_eq!(listed[1].fingerprint().len(), "ed25519:".len() + 64);
-        assert!(listed[1].fingerprint().starts_with(&id));
+        assert_eq!(id.len(), "ed25519:".len() + 64);
+        assert_eq!(listed[1].fingerprint(), id);
         assert_eq!(
             s.authenticate(&ci.key, 21)
                 .unwrap()

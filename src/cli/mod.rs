@@ -4,6 +4,7 @@
 //! no (`verify` found problems); 2 error (bad arguments, unreadable input,
 //! refused archive). Errors go to stderr prefixed `niso:`.
 
+mod gc;
 mod keys;
 mod mirror;
 mod output;

@@ -39,7 +39,8 @@ Examples:
   $ niso pull my-api:1.0.0
   $ niso pull my-api:stable --arch aarch64
   $ niso pull team/tool:2.0.0             # an organization's package, with your API key
-  $ niso pull my-api --require-signature --publisher-key alice.pub
+  $ niso pull my-api --require-signature                   # a key the registry lists
+  $ niso pull my-api --require-signature --publisher-key alice.pub   # only alice's
 
 With --json: {\"type\":\"pulled\",\"name\":…,\"version\":…,\"arch\":…,\"size\":…,\"sha256\":…,\"path\":…}")]
 pub struct PullArgs {
@@ -48,13 +49,19 @@ pub struct PullArgs {
     /// The arch to pull (default: this machine's).
     #[arg(long)]
     arch: Option<Arch>,
-    /// Refuse an archive without a valid publisher signature by one of the
-    /// --publisher-key keys.
-    #[arg(long, requires = "publisher_keys")]
+    /// Refuse an archive without a valid publisher signature: by one of the
+    /// --publisher-key keys if given, else by a publisher key the registry
+    /// lists in its signed tree (`publisher-keys`), registered when the
+    /// archive was uploaded.
+    #[arg(long)]
     require_signature: bool,
     /// An Ed25519 publisher public key (PEM) to accept signatures from
-    /// (repeat for several).
-    #[arg(long = "publisher-key", value_name = "FILE")]
+    /// (repeat for several): only these, whatever the registry lists.
+    #[arg(
+        long = "publisher-key",
+        value_name = "FILE",
+        requires = "require_signature"
+    )]
     publisher_keys: Vec<PathBuf>,
     /// Accept an expired freshness record (an offline copy of a tree, used
     /// knowingly). Everything else is still checked.
@@ -104,13 +111,6 @@ impl PullArgs {
         if release.retired.is_some() {
             eprintln!("niso: warning: {what} is retired by its publisher");
         }
-        let mut download = tempfile::tempfile().context("cannot create a temp file")?;
-        session
-            .reader
-            .download(&pkg, release, artifact, &mut download)?;
-        if self.require_signature {
-            check_signature(&what, artifact, &publisher_keys, &download)?;
-        }
         let store = PackageStore::open_default()?;
         let dest = store.destination(
             &registry.name,
@@ -119,7 +119,19 @@ impl PullArgs {
             &release.version,
             download_name(&artifact.path),
         )?;
-        store.install(&mut download, &dest)?;
+        let mut download = store.download_file()?;
+        session
+            .reader
+            .download(&pkg, release, artifact, &mut download)?;
+        if self.require_signature {
+            let keys = if publisher_keys.is_empty() {
+                trusted_keys(&session.reader.publisher_keys(&fresh)?, artifact)
+            } else {
+                publisher_keys.clone()
+            };
+            check_signature(&what, artifact, &keys, &download)?;
+        }
+        store.install_download(&mut download, &dest)?;
         session.remember(&fresh)?;
         if ctx.json {
             ctx.emit(
@@ -141,6 +153,25 @@ impl PullArgs {
     }
 }
 
+/// The keys the registry vouches for that may have signed `artifact`: those
+/// registered before it was uploaded and not retired before then.
+fn trusted_keys(
+    listed: &[crate::index::pb::PublisherKey],
+    artifact: &crate::index::pb::Artifact,
+) -> Vec<ed25519_dalek::VerifyingKey> {
+    listed
+        .iter()
+        .filter(|k| {
+            k.registered_at <= artifact.uploaded_at
+                && k.retired_at.is_none_or(|r| artifact.uploaded_at <= r)
+        })
+        .filter_map(|k| {
+            let bytes: [u8; 32] = k.public_key.clone().try_into().ok()?;
+            ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()
+        })
+        .collect()
+}
+
 /// The artifact must carry a signature that verifies with one of the
 /// trusted publisher keys; the index's key id picks which.
 fn check_signature(
@@ -152,11 +183,11 @@ fn check_signature(
     let (Some(sig), Some(id)) = (&artifact.publisher_signature, &artifact.publisher_key_id) else {
         bail!("{what} has no publisher signature, and --require-signature was given; refusing it");
     };
-    let Some(key) = keys.iter().find(|k| signing::key_id(k) == *id) else {
+    let Some(key) = keys.iter().find(|k| signing::names_key(id, k)) else {
         let trusted: Vec<String> = keys.iter().map(signing::key_id).collect();
         bail!(
-            "{what} is signed by publisher key {id}, which is not one of the keys given ({}); refusing it. If you trust that publisher, pass their public key with --publisher-key",
-            trusted.join(", ")
+            "{what} is signed by publisher key {id}, which is not one of the keys trusted ({}); refusing it. If you trust that publisher, pass their public key with --publisher-key",
+            if trusted.is_empty() { "none".to_string() } else { trusted.join(", ") }
         );
     };
     let sig = Signature::from_slice(sig).map_err(|_| {

@@ -13,7 +13,7 @@ use crate::client::{HttpTransport, StoreTransport, Transport};
 use crate::datadir::{self, DataDir};
 use crate::ident::RepoName;
 use crate::index::{PublicKey, RepoKey, Signer};
-use crate::limits::Limits;
+use crate::limits::{LimitArgs, Limits};
 use crate::publish::{unix_now, Layout, Options, Publisher, StagedFile, Upload};
 use crate::store::{LocalStore, Store};
 
@@ -45,6 +45,8 @@ pub enum RegistryCommand {
     Publish(PublishArgs),
     /// Copy a registry, verified: into a directory or another registry.
     Mirror(super::mirror::MirrorArgs),
+    /// Remove old versions: keep the N newest of every package and every tagged one.
+    Gc(super::gc::GcArgs),
 }
 
 impl RegistryCommand {
@@ -63,6 +65,7 @@ impl RegistryCommand {
             Self::Verify(a) => a.run(ctx),
             Self::Publish(a) => a.run(ctx),
             Self::Mirror(a) => a.run(ctx),
+            Self::Gc(a) => a.run(ctx),
         }
     }
 }
@@ -171,6 +174,8 @@ pub struct BuildArgs {
     /// configured one (s3://BUCKET/PREFIX or a directory).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl BuildArgs {
@@ -179,6 +184,7 @@ impl BuildArgs {
     }
 
     async fn build(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
+        let mut keys = None;
         let (store, key, name) = if DataDir::is_data_dir(&self.data_dir) {
             if self.name.is_some() {
                 bail!(
@@ -187,6 +193,7 @@ impl BuildArgs {
                 );
             }
             let dd = DataDir::open(&self.data_dir)?;
+            keys = dd.publisher_keys()?;
             (
                 dd.store(self.store.as_deref())?,
                 dd.key()?,
@@ -220,11 +227,17 @@ impl BuildArgs {
                 signer.clone(),
                 repo.clone(),
                 layout,
-                Options::default(),
+                Options {
+                    limits: self.limits.apply(Limits::default()),
+                    ..Options::default()
+                },
             )
             .await
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
             let report = publisher.rebuild().await?;
+            if let Some(keys) = &keys {
+                publisher.set_publisher_keys(keys.clone()).await?;
+            }
             if ctx.json {
                 ctx.emit(
                     "built",
@@ -290,6 +303,8 @@ pub struct VerifyArgs {
     /// offline copy older than its expiry, checked knowingly.
     #[arg(long)]
     allow_expired: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl VerifyArgs {
@@ -390,7 +405,7 @@ impl VerifyArgs {
                 &VerifyOptions {
                     repository: repo.to_string(),
                     public_key: key.clone(),
-                    limits: Limits::default(),
+                    limits: self.limits.apply(Limits::default()),
                     now: unix_now(),
                     listing,
                     allow_expired: self.allow_expired,
@@ -466,6 +481,8 @@ pub struct PublishArgs {
     /// Archives: Hex tarballs (.tar) or .niso archives.
     #[arg(required = true)]
     archives: Vec<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl PublishArgs {
@@ -483,11 +500,18 @@ impl PublishArgs {
             .publisher(
                 Arc::new(dd.key()?),
                 layout,
-                Options::default(),
+                Options {
+                    limits: self.limits.apply(Limits::default()),
+                    ..Options::default()
+                },
                 self.store.as_deref(),
             )
             .await?;
+        dd.clean_staging()?;
         publisher.recover().await?;
+        if let Some(keys) = dd.publisher_keys()? {
+            publisher.set_publisher_keys(keys).await?;
+        }
         let limits = *publisher.limits();
         let mut failed = 0;
         for path in &self.archives {
@@ -534,7 +558,7 @@ async fn publish_file(
     let staging = dd.staging_dir();
     std::fs::create_dir_all(&staging)?;
     let staged = tempfile::Builder::new()
-        .prefix("publish-")
+        .prefix(&datadir::staging_prefix("publish"))
         .tempfile_in(&staging)?;
     std::fs::copy(path, staged.path())
         .with_context(|| format!("cannot read {}", path.display()))?;

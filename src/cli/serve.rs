@@ -10,9 +10,10 @@ use clap::Args;
 
 use super::Outcome;
 use crate::auth::{ApiKey, KeyStore, Scopes};
-use crate::datadir::{self, DataDir};
+use crate::datadir::DataDir;
 use crate::ident::RepoName;
 use crate::index::Signer;
+use crate::limits::{LimitArgs, Limits};
 use crate::publish::{unix_now, Options};
 use crate::server::{self, App, Settings};
 
@@ -103,6 +104,8 @@ pub struct ServeArgs {
     /// configured one (s3://BUCKET/PREFIX or a directory).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl ServeArgs {
@@ -135,19 +138,26 @@ impl ServeArgs {
 
     async fn serve(self, settings: Settings) -> anyhow::Result<Outcome> {
         let app = if self.read_only {
-            let tree = if DataDir::is_data_dir(&self.data_dir) {
-                self.data_dir.join(datadir::PUBLIC_DIR)
-            } else {
-                self.data_dir.clone()
-            };
-            if !tree.join("names").is_file() {
-                bail!("{} holds no registry tree (no names index)", tree.display());
+            // A data directory (its configured store), a store URL, or a
+            // plain directory holding a tree (a mirror, an air-gapped copy).
+            let (store, name): (Arc<dyn crate::store::Store>, RepoName) =
+                if DataDir::is_data_dir(&self.data_dir) {
+                    let dd = DataDir::open(&self.data_dir)?;
+                    (dd.store(self.store.as_deref())?, dd.repository().clone())
+                } else if let Some(url) = &self.store {
+                    (crate::store::open(url)?, self.name.clone())
+                } else {
+                    let tree = crate::store::LocalStore::new(self.data_dir.clone());
+                    (Arc::new(tree), self.name.clone())
+                };
+            let names = crate::store::TreePath::new(crate::index::layout::NAMES)?;
+            if store.head(&names).await?.is_none() {
+                bail!(
+                    "{} holds no registry tree (no names index)",
+                    store.describe()
+                );
             }
-            let name = DataDir::open(&self.data_dir)
-                .map(|d| d.repository().clone())
-                .unwrap_or(self.name.clone());
             let staging = std::env::temp_dir();
-            let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::LocalStore::new(tree));
             App::new(settings, store, staging, name, None, None).await?
         } else {
             // Checked before anything is written: a bad key must not leave a
@@ -168,6 +178,10 @@ impl ServeArgs {
                 );
                 dd
             };
+            let cleaned = dd.clean_staging()?;
+            if cleaned > 0 {
+                tracing::info!(cleaned, "removed uploads a stopped server left in staging");
+            }
             let keys = dd.key_store()?;
             if keys.is_empty()? {
                 let from_env = preset.is_some();
@@ -190,17 +204,37 @@ impl ServeArgs {
                 dd.staging_dir(),
                 dd.repository().clone(),
                 Some(keys),
-                Some((signer, Options::default())),
+                Some((
+                    signer,
+                    Options {
+                        limits: self.limits.apply(Limits::default()),
+                        ..Options::default()
+                    },
+                )),
             )
             .await?
         };
+        let app = Arc::new(app);
+        if !self.read_only {
+            // At start, then hourly: never let the record expire.
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+                loop {
+                    every.tick().await;
+                    if let Err(e) = app.refresh_expiring().await {
+                        tracing::error!(error = %e, "re-signing the freshness record failed");
+                    }
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await
             .with_context(|| format!("cannot listen on {}", self.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!("Listening at http://{addr}");
         eprintln!("Listening at http://{addr}");
-        server::run(listener, Arc::new(app), server::shutdown_signal()).await?;
+        server::run(listener, app, server::shutdown_signal()).await?;
         Ok(Outcome::Success)
     }
 }

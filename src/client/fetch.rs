@@ -8,6 +8,7 @@
 //! these files: `niso registry serve`, nginx, S3, `python3 -m http.server`.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -194,6 +195,22 @@ impl RepoReader {
         Ok(Some(pkg))
     }
 
+    /// The publisher keys the registry has accepted signatures from, from
+    /// its signed `publisher-keys` (checked against the record); empty when
+    /// the record lists none.
+    pub fn publisher_keys(&self, fresh: &Fresh) -> Result<Vec<pb::PublisherKey>, ReadError> {
+        let path = layout::PUBLISHER_KEYS;
+        if !fresh.lists(path) {
+            return Ok(Vec::new());
+        }
+        let bytes = self.transport.fetch(path, self.limits.max_index)?;
+        fresh.check_file(path, &bytes)?;
+        let keys: pb::PublisherKeys =
+            decode_index(&bytes, &self.key, &self.repository, self.limits.max_index)
+                .map_err(|e| self.index_error(path, e))?;
+        Ok(keys.keys)
+    }
+
     /// Like [`Self::package`], but a missing package is an error.
     pub fn require_package(
         &self,
@@ -222,8 +239,9 @@ impl RepoReader {
 
     /// Downloads an artifact into `out`, checking its size and SHA-256
     /// against the signed index as it streams (at most `size` bytes are
-    /// read), then its contents (name, version and arch) with the archive
-    /// reader. `out` must be a fresh, empty file.
+    /// read, and hashed once, on a second thread), then what the archive
+    /// says it is (name, version and arch, from its head: see
+    /// [`identify`]). `out` must be a fresh, empty file.
     pub fn download(
         &self,
         pkg: &pb::Package,
@@ -233,51 +251,138 @@ impl RepoReader {
     ) -> Result<(), ReadError> {
         use std::io::Seek;
         let location = self.transport.location(&artifact.path);
-        let (n, digest) = {
-            let mut file: &std::fs::File = out;
-            let mut hashing = HashingWriter {
-                inner: std::io::BufWriter::new(&mut file),
-                hasher: Sha256::new(),
-            };
-            let n = match self
-                .transport
-                .fetch_to(&artifact.path, &mut hashing, artifact.size)
-            {
-                Ok(n) => n,
-                Err(TransportError::TooLarge { .. }) => {
-                    return Err(ReadError::ArchiveTooLarge {
-                        path: location,
-                        expected: artifact.size,
-                    })
+        let fetched = std::thread::scope(|scope| {
+            // SHA-256 on a thread of its own, beside the one that receives
+            // and writes: hashing inline was a third of a pull's CPU, all on
+            // its critical path (BENCHMARKS.md, "Pull").
+            let (chunks, hashed) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(4);
+            let hasher = scope.spawn(move || {
+                let mut h = Sha256::new();
+                for c in hashed {
+                    h.update(&c[..]);
                 }
-                Err(e) => return Err(e.into()),
+                h.finalize()
+            });
+            let mut tee = Tee {
+                file: &*out,
+                buf: Vec::with_capacity(Tee::CHUNK),
+                chunks: Some(chunks),
+                written: 0,
+                flushing: 0,
             };
-            hashing.inner.flush()?;
-            (n, hashing.hasher.finalize())
+            let n = self
+                .transport
+                .fetch_to(&artifact.path, &mut tee, artifact.size);
+            let end = tee.finish();
+            let digest = hasher
+                .join()
+                .map_err(|_| std::io::Error::other("the hashing thread failed"));
+            (n, end, digest)
+        });
+        let n = match fetched.0 {
+            Ok(n) => n,
+            Err(TransportError::TooLarge { .. }) => {
+                return Err(ReadError::ArchiveTooLarge {
+                    path: location,
+                    expected: artifact.size,
+                })
+            }
+            Err(e) => return Err(e.into()),
         };
+        fetched.1?;
+        let digest = fetched.2?;
         check_artifact_bytes(&location, artifact, n, digest.as_slice())?;
         out.rewind()?;
-        let info =
-            archive::inspect(std::io::BufReader::new(&mut *out), &self.limits).map_err(|e| {
-                ReadError::ArchiveContent {
-                    path: location.clone(),
-                    reason: format!("not a valid archive: {e}"),
-                }
+        let (name, version, arch) = identify(std::io::BufReader::new(&mut *out), &self.limits)
+            .map_err(|reason| ReadError::ArchiveContent {
+                path: location.clone(),
+                reason: format!("not a valid archive: {reason}"),
             })?;
-        if info.name.as_str() != pkg.name
-            || info.version.as_str() != release.version
-            || info.arch.as_str() != artifact.arch
-        {
+        if name != pkg.name || version != release.version || arch != artifact.arch {
             return Err(ReadError::ArchiveContent {
                 path: location,
                 reason: format!(
-                    "it holds {} {} ({}), the signed index says {} {} ({})",
-                    info.name, info.version, info.arch, pkg.name, release.version, artifact.arch
+                    "it holds {name} {version} ({arch}), the signed index says {} {} ({})",
+                    pkg.name, release.version, artifact.arch
                 ),
             });
         }
         Ok(())
     }
+}
+
+fn path_of<R: std::io::Read>(e: &tar::Entry<'_, R>) -> Result<String, String> {
+    Ok(e.path()
+        .map_err(|e| e.to_string())?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// What an archive says it is, (name, version, arch), read from its head
+/// only: a `.niso`'s first entry `niso.toml` (a few KiB inflated), a Hex
+/// tarball's `metadata.config` (before its `contents.tar.gz`).
+///
+/// Not the whole archive again: every path that makes an index name an
+/// archive (upload, `publish`, `build`, recovery) first runs the registry's
+/// full check of it (`archive::inspect`: every entry, the gzip stream to its
+/// end), and the SHA-256 the caller has just verified binds these bytes to
+/// that signed index. Re-reading it all inflated every byte, which was most
+/// of a pull's CPU (see BENCHMARKS.md, "Pull"). What is left to check here
+/// is that the index names the archive for what it is.
+pub fn identify(
+    mut reader: impl std::io::BufRead,
+    limits: &Limits,
+) -> Result<(String, String, String), String> {
+    use std::io::Read;
+    let small = |r: &mut dyn Read, file: &str| -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        r.take(limits.max_metadata + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("{file}: {e}"))?;
+        if out.len() as u64 > limits.max_metadata {
+            return Err(format!(
+                "{file} is larger than {} bytes",
+                limits.max_metadata
+            ));
+        }
+        Ok(out)
+    };
+    let head = reader.fill_buf().map_err(|e| e.to_string())?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let mut tar = tar::Archive::new(flate2::bufread::GzDecoder::new(reader));
+        let mut entries = tar.entries().map_err(|e| e.to_string())?;
+        let mut first = entries
+            .next()
+            .ok_or("no entries")?
+            .map_err(|e| e.to_string())?;
+        let path = path_of(&first)?;
+        if path != archive::niso::MANIFEST {
+            return Err(format!(
+                "its first entry is {path:?}, not {}",
+                archive::niso::MANIFEST
+            ));
+        }
+        let bytes = small(&mut first, archive::niso::MANIFEST)?;
+        let m = archive::niso::Manifest::parse(&bytes).map_err(|e| e.to_string())?;
+        return Ok((
+            m.name.to_string(),
+            m.version.to_string(),
+            m.arch.to_string(),
+        ));
+    }
+    let mut tar = tar::Archive::new(reader);
+    // VERSION, CHECKSUM, metadata.config, contents.tar.gz: the order the
+    // registry's reader requires.
+    for entry in tar.entries().map_err(|e| e.to_string())?.take(3) {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        if path_of(&entry)? == "metadata.config" {
+            let bytes = small(&mut entry, "metadata.config")?;
+            let text = String::from_utf8(bytes).map_err(|_| "metadata.config is not UTF-8")?;
+            let m = archive::hex_metadata::parse_metadata(&text).map_err(|e| e.to_string())?;
+            return Ok((m.name, m.version, Arch::ANY.to_string()));
+        }
+    }
+    Err("neither a .niso archive nor a Hex tarball with metadata.config".into())
 }
 
 /// Size and digest of downloaded bytes against the signed index (`n` is
@@ -305,21 +410,93 @@ pub fn check_artifact_bytes(
     Ok(())
 }
 
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
+/// Writes what passes to a file in large writes, and hands each chunk to
+/// a hashing thread.
+struct Tee<'a> {
+    file: &'a std::fs::File,
+    buf: Vec<u8>,
+    /// `None` once finished.
+    chunks: Option<std::sync::mpsc::SyncSender<Arc<Vec<u8>>>>,
+    /// Bytes written, and the offset up to which the disk has been asked
+    /// to start writing them.
+    written: u64,
+    flushing: u64,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+impl Tee<'_> {
+    /// 1 MiB writes: a hundred for a 100 MiB archive, not the 13,000 of
+    /// an 8 KiB buffer.
+    const CHUNK: usize = 1 << 20;
+    /// How often the disk is asked to start writing what was written, so
+    /// the fsync before the download is installed has little left to do
+    /// (it was a fifth of a 100 MiB pull's time, after the transfer).
+    const FLUSH_EVERY: u64 = 8 << 20;
+
+    fn ship(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Arc::new(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(Self::CHUNK),
+        ));
+        // Sent first, so it is hashed while it is written.
+        self.chunks
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("write after the end"))?
+            .send(chunk.clone())
+            .map_err(|_| std::io::Error::other("the hashing thread stopped"))?;
+        let mut file = self.file;
+        file.write_all(&chunk)?;
+        self.written += chunk.len() as u64;
+        if self.written - self.flushing >= Self::FLUSH_EVERY {
+            start_writeback(self.file, self.flushing, self.written - self.flushing);
+            self.flushing = self.written;
+        }
+        Ok(())
+    }
+
+    /// Writes the rest and lets the hashing thread finish.
+    fn finish(&mut self) -> std::io::Result<()> {
+        let shipped = self.ship();
+        self.chunks = None;
+        shipped
+    }
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = Self::CHUNK - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == Self::CHUNK {
+            self.ship()?;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
+
+/// Starts writeback of a range of `file` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): advice, so a failure is
+/// ignored; the fsync that follows is what makes the file durable.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is open for as long as `file` is borrowed;
+    // the call reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
 /// What a user asked to pull: `NAME`, `NAME:VERSION` or `NAME:TAG`, the
 /// name possibly `ORG/NAME`.
@@ -596,6 +773,37 @@ mod tests {
             resolve(&p, &t, &arch("x86_64")),
             Err(ResolveError::NoTag { .. })
         ));
+    }
+
+    #[test]
+    fn an_archive_is_identified_from_its_head() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let id = |path: std::path::PathBuf| {
+            let f = std::fs::File::open(path).unwrap();
+            identify(std::io::BufReader::new(f), &Limits::default())
+        };
+        assert_eq!(
+            id(fixtures.join("niso/my-app-1.1.0-aarch64.niso")).unwrap(),
+            ("my-app".into(), "1.1.0".into(), "aarch64".into())
+        );
+        assert_eq!(
+            id(fixtures.join("hex/decimal-2.0.0.tar")).unwrap(),
+            ("decimal".into(), "2.0.0".into(), "any".into())
+        );
+        let read = |bytes: &[u8]| identify(bytes, &Limits::default());
+        assert!(read(b"").is_err());
+        assert!(read(b"not an archive at all").is_err());
+        // A gzip tar whose first entry is not the manifest.
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, "payload/x", &b"abc"[..]).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar.into_inner().unwrap()).unwrap();
+        let e = read(&gz.finish().unwrap()).unwrap_err();
+        assert!(e.contains("first entry is \"payload/x\""), "{e}");
     }
 
     #[test]

@@ -243,6 +243,8 @@ pub struct Snapshot {
     names: Vec<u8>,
     versions: Vec<u8>,
     public_key: Option<Vec<u8>>,
+    /// `publisher-keys`, verbatim, when the record lists it.
+    publisher_keys: Option<Vec<u8>>,
     bins: Vec<(String, Vec<u8>)>,
     /// By name.
     packages: Vec<PackageSnap>,
@@ -537,7 +539,8 @@ fn take_snapshot(
         Fail::Fatal(MirrorError::Inconsistent { location, reason })
     };
     for d in &record.files {
-        if d.path != layout::NAMES && d.path != layout::VERSIONS && bin_file(&d.path).is_none() {
+        let top = [layout::NAMES, layout::VERSIONS, layout::PUBLISHER_KEYS];
+        if !top.contains(&d.path.as_str()) && bin_file(&d.path).is_none() {
             return Err(inconsistent(
                 fresh_location.clone(),
                 format!(
@@ -561,12 +564,26 @@ fn take_snapshot(
     let mut names = Vec::new();
     let mut versions = Vec::new();
     let mut bins = Vec::new();
+    let mut publisher_keys = None;
     let mut niso_digests: BTreeMap<String, pb::FileDigest> = BTreeMap::new();
     let mut hex_digests: BTreeMap<String, pb::FileDigest> = BTreeMap::new();
     for (d, bytes) in record.files.iter().zip(tops) {
         match d.path.as_str() {
             layout::NAMES => names = bytes,
             layout::VERSIONS => versions = bytes,
+            layout::PUBLISHER_KEYS => {
+                // Checked against the record by the cache; its own
+                // signature too, so a mirror never carries a forged list.
+                decode_index::<pb::PublisherKeys>(&bytes, &source.key, &source.repository, limit)
+                    .map_err(|e| MirrorError::Freshness {
+                    location: source.location(layout::PUBLISHER_KEYS),
+                    source: FreshnessError::Index {
+                        path: layout::PUBLISHER_KEYS.into(),
+                        source: e,
+                    },
+                })?;
+                publisher_keys = Some(bytes);
+            }
             path => {
                 let number = bin_file(path).unwrap_or_default();
                 fresh
@@ -759,6 +776,7 @@ fn take_snapshot(
         names,
         versions,
         public_key,
+        publisher_keys,
         bins,
         packages: decoded,
     })
@@ -1437,11 +1455,14 @@ pub fn mirror_to_dir(
     let v1_index = json::to_bytes(&json::PackageList {
         packages: summaries,
     });
-    let globals: Vec<(String, Vec<u8>)> = vec![
+    let mut globals: Vec<(String, Vec<u8>)> = vec![
         (layout::NAMES.into(), snap.names.clone()),
         (layout::VERSIONS.into(), snap.versions.clone()),
         (layout::V1_INDEX.into(), v1_index),
     ];
+    if let Some(k) = &snap.publisher_keys {
+        globals.push((layout::PUBLISHER_KEYS.into(), k.clone()));
+    }
     let last = vec![(layout::FRESHNESS.to_string(), snap.freshness.clone())];
     keep.extend(links.iter().map(|(_, to)| to.clone()));
     for stage in [&docs, &globals, &snap.bins, &last] {

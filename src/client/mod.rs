@@ -16,6 +16,7 @@ pub mod api;
 pub mod config;
 pub mod fetch;
 pub mod freshness;
+pub mod gc;
 pub mod mirror;
 pub mod session;
 pub mod signing;

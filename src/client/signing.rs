@@ -57,10 +57,14 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey, SigningError> {
 /// The id indexes record with a signature: `ed25519:` and the first 16 hex
 /// digits of SHA-256 of the raw public key (as the key store computes it).
 pub fn key_id(key: &VerifyingKey) -> String {
-    format!(
-        "ed25519:{}",
-        &hex::encode(Sha256::digest(key.as_bytes()))[..16]
-    )
+    format!("ed25519:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+/// Whether `id` (from an index) names `key`: its full fingerprint, or the
+/// 64-bit prefix of it that indexes written before the full one held.
+pub fn names_key(id: &str, key: &VerifyingKey) -> bool {
+    let full = key_id(key);
+    id == full || (id.len() == "ed25519:".len() + 16 && full.starts_with(id))
 }
 
 /// Feeds the whole of `file` to `f`, in chunks, from offset 0 (positional

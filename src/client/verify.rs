@@ -68,6 +68,9 @@ struct Verifier<'a> {
     o: &'a VerifyOptions,
     report: VerifyReport,
     seen: BTreeSet<String>,
+    /// From the signed `publisher-keys`: what checks artifacts' publisher
+    /// signatures.
+    publisher_keys: Vec<pb::PublisherKey>,
 }
 
 pub fn verify(transport: &dyn Transport, options: &VerifyOptions) -> VerifyReport {
@@ -76,6 +79,7 @@ pub fn verify(transport: &dyn Transport, options: &VerifyOptions) -> VerifyRepor
         o: options,
         report: VerifyReport::default(),
         seen: BTreeSet::new(),
+        publisher_keys: Vec::new(),
     };
     v.run();
     v.report
@@ -397,6 +401,9 @@ impl Verifier<'_> {
             }
             Err(e) => return self.problem(format!("{what}: {e}")),
         }
+        if let (Some(sig), Some(id)) = (&a.publisher_signature, &a.publisher_key_id) {
+            self.check_publisher_signature(&what, a, sig, id, &tmp);
+        }
         if let Err(e) = tmp.rewind() {
             return self.problem(format!("{what}: {e}"));
         }
@@ -441,6 +448,46 @@ impl Verifier<'_> {
             if r.inner_checksum != info.inner_checksum {
                 self.problem(format!("{what}: inner_checksum does not match the tarball"));
             }
+        }
+    }
+
+    /// A publisher signature must be by a key the signed `publisher-keys`
+    /// lists, registered when the artifact was uploaded, and verify.
+    fn check_publisher_signature(
+        &mut self,
+        what: &str,
+        a: &pb::Artifact,
+        sig: &[u8],
+        id: &str,
+        file: &std::fs::File,
+    ) {
+        let key = self.publisher_keys.iter().find_map(|k| {
+            let bytes: [u8; 32] = k.public_key.clone().try_into().ok()?;
+            let vk = ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()?;
+            crate::client::signing::names_key(id, &vk).then_some((vk, k.clone()))
+        });
+        let Some((vk, listed)) = key else {
+            return self.problem(format!(
+                "{what}: signed by publisher key {id}, which {} does not list",
+                layout::PUBLISHER_KEYS
+            ));
+        };
+        if a.uploaded_at < listed.registered_at
+            || listed.retired_at.is_some_and(|r| a.uploaded_at > r)
+        {
+            self.problem(format!(
+                "{what}: uploaded when publisher key {id} was not registered"
+            ));
+        }
+        let ok = ed25519_dalek::Signature::from_slice(sig)
+            .ok()
+            .map(|s| crate::client::signing::verify_file(&vk, &s, file));
+        match ok {
+            Some(Ok(true)) => {}
+            Some(Err(e)) => self.problem(format!("{what}: {e}")),
+            _ => self.problem(format!(
+                "{what}: the publisher signature does not verify with key {id}"
+            )),
         }
     }
 
@@ -507,6 +554,18 @@ impl Verifier<'_> {
         for l in &f.files {
             let path = l.path.as_str();
             if top.contains_key(path) || path == layout::NAMES || path == layout::VERSIONS {
+                continue;
+            }
+            if path == layout::PUBLISHER_KEYS {
+                if let Some((keys, bytes)) = self.index::<pb::PublisherKeys>(path) {
+                    if !matches(l, &render::Digest256::of(&bytes)) {
+                        self.problem(format!(
+                            "{path}: does not match its digest in {} (stale or replayed)",
+                            layout::FRESHNESS
+                        ));
+                    }
+                    self.publisher_keys = keys.keys;
+                }
                 continue;
             }
             let Some(bin) = path

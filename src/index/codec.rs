@@ -310,6 +310,12 @@ impl IndexMessage for pb::Package {
         &self.repository
     }
 }
+impl IndexMessage for pb::PublisherKeys {
+    const WHAT: &'static str = "PublisherKeys";
+    fn repository(&self) -> &str {
+        &self.repository
+    }
+}
 impl IndexMessage for pb::Freshness {
     const WHAT: &'static str = "Freshness";
     fn repository(&self) -> &str {

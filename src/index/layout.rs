@@ -9,6 +9,7 @@
 //!                                     tombstones of deleted artifacts
 //! public_key                          the repository's RSA public key (PEM)
 //! freshness                           niso's signed freshness sidecar
+//! publisher-keys                      the publisher (Ed25519) keys, signed
 //! freshness-bins/XX                   digests of the package indexes in bin XX
 //! tarballs/NAME-VERSION.tar           Hex tarballs (immutable)
 //! archives/NAME-VERSION-ARCH.niso     .niso archives (immutable)
@@ -33,6 +34,7 @@ pub const NAMES: &str = "names";
 pub const VERSIONS: &str = "versions";
 pub const PUBLIC_KEY: &str = "public_key";
 pub const FRESHNESS: &str = "freshness";
+pub const PUBLISHER_KEYS: &str = "publisher-keys";
 pub const FRESHNESS_BINS_DIR: &str = "freshness-bins";
 pub const PACKAGES_DIR: &str = "packages";
 pub const NISO_PACKAGES_DIR: &str = "niso/packages";

@@ -171,11 +171,12 @@ pub struct RebuildReport {
 }
 
 /// The global files this writer keeps versions of, besides the bins.
-const GLOBALS: [&str; 5] = [
+const GLOBALS: [&str; 6] = [
     layout::VERSIONS,
     layout::NAMES,
     layout::V1_INDEX,
     layout::PUBLIC_KEY,
+    layout::PUBLISHER_KEYS,
     layout::FRESHNESS,
 ];
 
@@ -214,6 +215,10 @@ struct Model {
     /// What the freshness record in the tree lists (`None`: none, or not
     /// readable).
     fresh_files: Option<BTreeMap<String, Digest256>>,
+    /// The publisher keys to publish in `publisher-keys` (`None`: this
+    /// writer does not know them, e.g. `build` of a plain directory; the
+    /// tree's file stays as it is).
+    publisher_keys: Option<Vec<pb::PublisherKey>>,
     /// A write failed half way: the tree must be reconciled before the next
     /// change.
     dirty: bool,
@@ -413,9 +418,37 @@ impl Publisher {
     }
 
     /// The versions of the global files and bins, and the generation.
+    /// The bins are found by one listing: only those that exist and changed
+    /// since this writer last read them are read (on S3 every read is a
+    /// request, and most of the 256 bins of a small repository are absent).
     async fn read_globals(&self, model: &mut Model) -> Result<(), PublishError> {
+        let bins_dir = format!("{}/", self.layout.dir(layout::FRESHNESS_BINS_DIR));
+        let listed: HashMap<String, ObjectVersion> = self
+            .store
+            .list_versions(&self.layout.dir(layout::FRESHNESS_BINS_DIR))
+            .await?
+            .into_iter()
+            .filter_map(|(p, v)| {
+                let bin = p.as_str().strip_prefix(&bins_dir)?;
+                let rel = format!("{}/{bin}", layout::FRESHNESS_BINS_DIR);
+                Some((rel, v))
+            })
+            .collect();
         let mut rels: Vec<String> = GLOBALS.iter().map(|s| s.to_string()).collect();
-        rels.extend((0..=255u8).map(Layout::freshness_bin_rel));
+        let mut kept: Vec<(String, ObjectVersion, Digest256)> = Vec::new();
+        for rel in (0..=255u8).map(Layout::freshness_bin_rel) {
+            match (
+                listed.get(&rel),
+                model.seen.get(&rel),
+                model.written.get(&rel),
+            ) {
+                (None, _, _) => {}
+                (Some(v), Some(Some(seen)), Some(d)) if v == seen => {
+                    kept.push((rel, v.clone(), d.clone()))
+                }
+                (Some(_), _, _) => rels.push(rel),
+            }
+        }
         let reads: Vec<_> = rels
             .into_iter()
             .map(|rel| async move {
@@ -424,9 +457,15 @@ impl Publisher {
                 Ok::<_, PublishError>((rel, got.map(|o| (o.meta.version, Digest256::of(&o.bytes)))))
             })
             .collect();
-        let read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
+        let mut read: Vec<(String, Option<(ObjectVersion, Digest256)>)> = try_all(reads).await?;
+        read.extend(kept.into_iter().map(|(rel, v, d)| (rel, Some((v, d)))));
         model.seen.clear();
         model.written.clear();
+        // A bin not listed is known missing (one created since makes this
+        // writer's create of it fail, and it reloads).
+        for rel in (0..=255u8).map(Layout::freshness_bin_rel) {
+            model.seen.insert(rel, None);
+        }
         for (rel, got) in read {
             match got {
                 Some((v, d)) => {
@@ -611,7 +650,10 @@ impl Publisher {
     ) -> Vec<Result<Published, PublishError>> {
         let mut model = self.model.lock().await;
         if let Err(e) = self.ensure_clean(&mut model).await {
-            let msg = e.to_string();
+            let msg = match e {
+                PublishError::Aborted(m) => m,
+                other => other.to_string(),
+            };
             return uploads
                 .iter()
                 .map(|_| Err(PublishError::Aborted(msg.clone())))
@@ -633,13 +675,19 @@ impl Publisher {
                 match check {
                     Ok(Some(path)) => created.push((i, path)),
                     Ok(None) => {}
+                    // The tree could not be written (a full disk): the
+                    // create left nothing, and a retry may succeed.
+                    Err(PublishError::Store(e)) => {
+                        tracing::error!(error = %e, "writing an archive to the tree failed");
+                        results[i] = Some(Err(PublishError::Aborted(e.to_string())));
+                    }
                     Err(e) => results[i] = Some(Err(e)),
                 }
             }
         }
         // Then the indexes, for all of them at once.
         let outcome = self
-            .apply(&mut model, |model| {
+            .apply(&mut model, |model, _attempt| {
                 let mut plan = Plan::default();
                 let mut out = Vec::with_capacity(uploads.len());
                 for (i, up) in uploads.iter().enumerate() {
@@ -811,49 +859,61 @@ impl Publisher {
         version: &Version,
         arch: &Arch,
     ) -> Result<(), PublishError> {
+        let item = (name.clone(), version.clone(), arch.clone());
+        self.delete_many(std::slice::from_ref(&item))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(PublishError::Invalid("empty delete".into())))
+    }
+
+    /// Removes several artifacts as [`Publisher::delete`] does, with one
+    /// rewrite of the shared files for all of them (`gc` removes hundreds:
+    /// one `versions`, `names` and freshness record, not one per artifact).
+    /// The outer error: nothing was written. Each item then succeeds or
+    /// fails on its own (`NotFound`: not published, or named twice); the
+    /// others are removed all the same.
+    pub async fn delete_many(
+        &self,
+        items: &[(PackageName, Version, Arch)],
+    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
         let mut model = self.model.lock().await;
         self.ensure_clean(&mut model).await?;
         let now = (self.clock)();
-        self.apply(&mut model, |model| {
-            let not_found =
-                || PublishError::NotFound(format!("{name} {version} ({arch}) is not published"));
-            let mut pkg = model
-                .packages
-                .get(name.as_str())
-                .map(|e| e.index.clone())
-                .ok_or_else(not_found)?;
-            let ri = pkg
-                .releases
-                .iter()
-                .position(|r| r.version == version.as_str())
-                .ok_or_else(not_found)?;
-            let release = &mut pkg.releases[ri];
-            let ai = release
-                .artifacts
-                .iter()
-                .position(|a| a.arch == arch.as_str())
-                .ok_or_else(not_found)?;
-            let removed = release.artifacts.remove(ai);
-            if render::is_hex(&removed) {
-                release.inner_checksum.clear();
-                release.outer_checksum = None;
-                release.dependencies.clear();
-            }
-            if release.artifacts.is_empty() {
-                pkg.releases.remove(ri);
-                pkg.tags.retain(|t| t.version != version.as_str());
-            }
-            pkg.tombstones.push(pb::Tombstone {
-                version: version.to_string(),
-                arch: arch.to_string(),
-                sha256: removed.sha256.clone(),
-                deleted_at: now,
-            });
-            render::normalize(&mut pkg);
+        self.apply(&mut model, |model, attempt| {
             let mut plan = Plan::default();
-            plan.removals.push(self.layout.path(&removed.path)?);
-            plan.packages.insert(name.to_string(), pkg);
-            Ok((plan, ()))
+            let mut out = Vec::with_capacity(items.len());
+            for (name, version, arch) in items {
+                let current = plan
+                    .packages
+                    .get(name.as_str())
+                    .or_else(|| model.packages.get(name.as_str()).map(|e| &e.index));
+                let mut pkg = match current {
+                    Some(p) => p.clone(),
+                    None => {
+                        out.push(Err(not_published(name, version, arch)));
+                        continue;
+                    }
+                };
+                let Some(removed) = remove_artifact(&mut pkg, version, arch, now) else {
+                    // A retry after losing to another writer may find this
+                    // delete made already (its tombstone in place).
+                    let done = attempt > 0
+                        && pkg
+                            .tombstones
+                            .iter()
+                            .any(|t| t.version == version.as_str() && t.arch == arch.as_str());
+                    out.push(if done {
+                        Ok(())
+                    } else {
+                        Err(not_published(name, version, arch))
+                    });
+                    continue;
+                };
+                plan.removals.push(self.layout.path(&removed.path)?);
+                plan.packages.insert(name.to_string(), pkg);
+                out.push(Ok(()));
+            }
+            Ok((plan, out))
         })
         .await
     }
@@ -867,7 +927,7 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let mut model = self.model.lock().await;
         self.ensure_clean(&mut model).await?;
-        self.apply(&mut model, |model| {
+        self.apply(&mut model, |model, _attempt| {
             let mut pkg = model
                 .packages
                 .get(name.as_str())
@@ -897,7 +957,7 @@ impl Publisher {
     pub async fn refresh(&self) -> Result<(), PublishError> {
         let mut model = self.model.lock().await;
         self.ensure_clean(&mut model).await?;
-        self.apply(&mut model, |_| {
+        self.apply(&mut model, |_, _| {
             Ok((
                 Plan {
                     refresh: true,
@@ -907,6 +967,45 @@ impl Publisher {
             ))
         })
         .await
+    }
+
+    /// Publishes `keys` (every publisher key the registry accepts or
+    /// accepted signatures from) in the signed `publisher-keys`, listed in
+    /// the freshness record, so clients can check publisher signatures from
+    /// the tree alone. Writes nothing when the tree already says so.
+    pub async fn set_publisher_keys(
+        &self,
+        mut keys: Vec<pb::PublisherKey>,
+    ) -> Result<(), PublishError> {
+        keys.sort_by(|a, b| (a.registered_at, &a.id).cmp(&(b.registered_at, &b.id)));
+        keys.dedup();
+        let mut model = self.model.lock().await;
+        self.ensure_clean(&mut model).await?;
+        let bytes = self.publisher_keys_file(&keys)?;
+        model.publisher_keys = Some(keys);
+        if model.written.get(layout::PUBLISHER_KEYS) == Some(&Digest256::of(&bytes)) {
+            return Ok(());
+        }
+        self.apply(&mut model, |_, _| {
+            Ok((
+                Plan {
+                    refresh: true,
+                    ..Default::default()
+                },
+                (),
+            ))
+        })
+        .await
+    }
+
+    fn publisher_keys_file(&self, keys: &[pb::PublisherKey]) -> Result<Vec<u8>, PublishError> {
+        let msg = pb::PublisherKeys {
+            repository: self.repository.to_string(),
+            keys: keys.to_vec(),
+        };
+        Ok(cpu(|| {
+            crate::index::encode_index(&msg, self.signer.as_ref())
+        })?)
     }
 
     /// The expiry of the freshness record as this writer last wrote or read
@@ -921,33 +1020,56 @@ impl Publisher {
     }
 
     /// Reconciles the tree before a change when an earlier write failed.
+    /// If that fails too, the change is not applied, and may be retried
+    /// (every kind of change: uploads, deletes, tags).
     async fn ensure_clean(&self, model: &mut Model) -> Result<(), PublishError> {
         if model.dirty {
             tracing::warn!(
                 repository = %self.repository,
                 "an earlier write to the tree failed or was cut off; reconciling the tree"
             );
-            self.reconcile(model, false).await?;
+            self.reconcile(model, false).await.map_err(|e| match e {
+                e @ PublishError::Aborted(_) => e,
+                other => PublishError::Aborted(other.to_string()),
+            })?;
         }
         Ok(())
     }
 
     /// Applies the change `plan` renders from the model, retrying after a
-    /// reload when another writer got there first.
+    /// reload when another writer got there first. `plan` gets the attempt
+    /// number: on a retry, part of the change may be in the tree already.
     async fn apply<T>(
         &self,
         model: &mut Model,
-        plan: impl Fn(&Model) -> Result<(Plan, T), PublishError>,
+        plan: impl Fn(&Model, usize) -> Result<(Plan, T), PublishError>,
     ) -> Result<T, PublishError> {
+        // Removals due from attempts that lost (see `write`).
+        let mut carried: Vec<TreePath> = Vec::new();
+        // Packages an attempt that lost may have written part of: their
+        // index may be in the tree already (so the retry finds nothing to
+        // change) while files derived from it, or the shared files, were
+        // written by another writer from an older view, or overwritten by
+        // this one's late writes. Each retry writes them whole again.
+        let mut unfinished: BTreeSet<String> = BTreeSet::new();
         for attempt in 0..MAX_ATTEMPTS {
-            let (p, out) = plan(model)?;
+            let (mut p, out) = plan(model, attempt)?;
+            for name in &unfinished {
+                if let Some(e) = model.packages.get(name) {
+                    p.packages
+                        .entry(name.clone())
+                        .or_insert_with(|| e.index.clone());
+                }
+            }
+            let touched: Vec<String> = p.packages.keys().cloned().collect();
             let started = std::time::Instant::now();
-            match self.write(model, p).await {
+            match self.write(model, p, &unfinished, &mut carried).await {
                 Ok(()) => {
                     tracing::debug!(attempt, ms = ms(started.elapsed()), "change written");
                     return Ok(out);
                 }
                 Err(WriteError::Conflict(path)) => {
+                    unfinished.extend(touched);
                     tracing::info!(%path, attempt, "another writer changed the tree; reloading");
                     if let Err(e) = self.reload(model).await {
                         model.dirty = true;
@@ -964,6 +1086,7 @@ impl Publisher {
                 }
             }
         }
+        model.dirty = true;
         Err(PublishError::Aborted(format!(
             "gave up after {MAX_ATTEMPTS} attempts: other writers kept changing the tree"
         )))
@@ -971,14 +1094,26 @@ impl Publisher {
 
     /// Writes a change, stage by stage, and brings the model up to date
     /// with it. On an error the model is left as it was.
-    async fn write(&self, model: &mut Model, plan: Plan) -> Result<(), WriteError> {
+    /// `unfinished`: packages written whole even if their index does not
+    /// change (see [`Publisher::apply`]). `carried`: removals of the change
+    /// kept across attempts (a retry may find the change made, with nothing
+    /// left to plan, and its archive still to remove).
+    async fn write(
+        &self,
+        model: &mut Model,
+        plan: Plan,
+        unfinished: &BTreeSet<String>,
+        carried: &mut Vec<TreePath>,
+    ) -> Result<(), WriteError> {
         // Packages whose content does not change are left alone.
         let changes: Vec<(String, pb::Package)> = plan
             .packages
             .into_iter()
-            .filter(|(n, p)| model.packages.get(n).map(|e| &e.index) != Some(p))
+            .filter(|(n, p)| {
+                unfinished.contains(n) || model.packages.get(n).map(|e| &e.index) != Some(p)
+            })
             .collect();
-        if changes.is_empty() && !plan.refresh && plan.removals.is_empty() {
+        if changes.is_empty() && !plan.refresh && plan.removals.is_empty() && carried.is_empty() {
             return Ok(());
         }
 
@@ -996,8 +1131,18 @@ impl Publisher {
         let mut stale: Vec<TreePath> = Vec::new();
         let futs: Vec<_> = rendered
             .iter()
-            .map(|(name, _, files, _)| self.write_package(name, model.packages.get(name), files))
+            .map(|(name, pkg, files, _)| {
+                let old = model.packages.get(name);
+                let whole = unfinished.contains(name);
+                // Its index as the tree holds it already: kept, not written
+                // again (which would make every other writer reload it).
+                let current = old
+                    .filter(|e| whole && &e.index == pkg)
+                    .and_then(|e| e.version.clone());
+                self.write_package(name, old, files, whole, current)
+            })
             .collect();
+        carried.extend(plan.removals.iter().cloned());
         let written: Vec<(String, ObjectVersion, Vec<TreePath>)> = try_all(futs).await?;
         let mut new_versions = HashMap::new();
         for (name, version, removed) in written {
@@ -1022,7 +1167,9 @@ impl Publisher {
             .await?;
 
         // Stage 7: what no index names any more.
-        for path in plan.removals.iter().chain(&stale) {
+        carried.extend(stale);
+        let removals: BTreeSet<TreePath> = std::mem::take(carried).into_iter().collect();
+        for path in &removals {
             if let Err(e) = self.store.delete(path).await {
                 // The change is complete without it: recovery removes it.
                 tracing::warn!(%path, error = %e, "could not remove a file no index names");
@@ -1036,11 +1183,17 @@ impl Publisher {
     /// package's truth), then its derived files. Returns the new version of
     /// the niso index and the derived files it no longer has, to remove once
     /// the shared files stop naming them.
+    /// With `whole`, every derived file is written (but a release's own
+    /// files `old` had), not only those that differ from `old`'s; with
+    /// `current`, the niso index is that version in the tree already and is
+    /// not written.
     async fn write_package(
         &self,
         name: &str,
         old: Option<&Entry>,
         files: &[FileOut],
+        whole: bool,
+        current: Option<ObjectVersion>,
     ) -> Result<(String, ObjectVersion, Vec<TreePath>), WriteError> {
         let pname = PackageName::new(name).map_err(PublishError::from)?;
         let niso_path = self
@@ -1067,22 +1220,31 @@ impl Publisher {
         let Content::Bytes(bytes) = &niso.content else {
             return Err(PublishError::Invalid(format!("{niso_path} is not a document")).into());
         };
-        let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
-        let version = self
-            .store
-            .put(
-                &niso_path,
-                Body::Bytes(bytes.clone().into()),
-                &niso.attributes,
-                mode,
-            )
-            .await?;
+        let version = match current {
+            Some(v) => v,
+            None => {
+                let mode = PutMode::after(old.and_then(|e| e.version.as_ref()));
+                self.store
+                    .put(
+                        &niso_path,
+                        Body::Bytes(bytes.clone().into()),
+                        &niso.attributes,
+                        mode,
+                    )
+                    .await?
+            }
+        };
         let derived: Vec<&FileOut> = files
             .iter()
             .filter(|f| f.path != niso_path)
-            .filter(|f| match &f.content {
-                Content::Bytes(b) if f.path == hex_path => old_hex != Some(&Digest256::of(b)),
-                _ => !old_v1.contains(f),
+            .filter(|f| {
+                (whole && !(per_release(&f.path) && old_v1.contains(f)))
+                    || match &f.content {
+                        Content::Bytes(b) if f.path == hex_path => {
+                            old_hex != Some(&Digest256::of(b))
+                        }
+                        _ => !old_v1.contains(f),
+                    }
             })
             .collect();
         let futs: Vec<_> = derived
@@ -1167,9 +1329,14 @@ impl Publisher {
             touched.extend(0..=255u8);
         }
         let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let keys = match &model.publisher_keys {
+            Some(k) => Some(self.publisher_keys_file(k)?),
+            None => None,
+        };
         for (rel, bytes) in [
             (layout::VERSIONS, globals.versions),
             (layout::PUBLIC_KEY, Some(self.public_key_pem())),
+            (layout::PUBLISHER_KEYS, keys),
             (layout::NAMES, globals.names),
             (layout::V1_INDEX, globals.v1_index),
         ] {
@@ -1208,10 +1375,17 @@ impl Publisher {
                 }
             }
         }
-        // The record lists names, versions and every bin.
+        // The record lists names, versions, the publisher keys and every
+        // bin.
         for (rel, bytes) in &files {
-            if *rel == layout::VERSIONS || *rel == layout::NAMES {
+            if *rel == layout::VERSIONS || *rel == layout::NAMES || *rel == layout::PUBLISHER_KEYS {
                 top.insert(rel.clone(), Digest256::of(bytes));
+            }
+        }
+        if model.publisher_keys.is_none() {
+            // Not this writer's to change: listed as the tree has it.
+            if let Some(d) = model.written.get(layout::PUBLISHER_KEYS) {
+                top.insert(layout::PUBLISHER_KEYS.to_string(), d.clone());
             }
         }
         let changed = files
@@ -1280,6 +1454,13 @@ impl Publisher {
         model.fresh_files = Some(top);
         Ok(())
     }
+}
+
+/// A release's own v1 files (its downloads and manifest): every writer
+/// writes them with the same bytes, so no late write leaves them stale.
+fn per_release(path: &TreePath) -> bool {
+    let (rel, _) = layout::split_repository(path.as_str());
+    layout::FileKind::of(rel) == layout::FileKind::Download || rel.ends_with("/manifest")
 }
 
 /// What a freshness record lists, by path.
@@ -1369,6 +1550,48 @@ fn restore_tombstone(pkg: &mut pb::Package, info: &ArchiveInfo) -> Result<(), Pu
 }
 
 /// Whether an index names the archive at `path`.
+fn not_published(name: &PackageName, version: &Version, arch: &Arch) -> PublishError {
+    PublishError::NotFound(format!("{name} {version} ({arch}) is not published"))
+}
+
+/// Takes (version, arch) out of `pkg`, leaving its tombstone; a release
+/// left without artifacts goes, with the tags that pointed at it. `None`:
+/// not published.
+fn remove_artifact(
+    pkg: &mut pb::Package,
+    version: &Version,
+    arch: &Arch,
+    now: i64,
+) -> Option<pb::Artifact> {
+    let ri = pkg
+        .releases
+        .iter()
+        .position(|r| r.version == version.as_str())?;
+    let release = &mut pkg.releases[ri];
+    let ai = release
+        .artifacts
+        .iter()
+        .position(|a| a.arch == arch.as_str())?;
+    let removed = release.artifacts.remove(ai);
+    if render::is_hex(&removed) {
+        release.inner_checksum.clear();
+        release.outer_checksum = None;
+        release.dependencies.clear();
+    }
+    if release.artifacts.is_empty() {
+        pkg.releases.remove(ri);
+        pkg.tags.retain(|t| t.version != version.as_str());
+    }
+    pkg.tombstones.push(pb::Tombstone {
+        version: version.to_string(),
+        arch: arch.to_string(),
+        sha256: removed.sha256.clone(),
+        deleted_at: now,
+    });
+    render::normalize(pkg);
+    Some(removed)
+}
+
 fn names_archive(pkg: &pb::Package, layout: &Layout, path: &TreePath) -> bool {
     pkg.releases
         .iter()

@@ -92,7 +92,10 @@ impl Publisher {
         if leftovers > 0 {
             tracing::info!(leftovers, "removed temp files of writers that are gone");
         }
+        // What the writer was told, not what the tree holds.
+        let keys = model.publisher_keys.take();
         *model = self.load().await?;
+        model.publisher_keys = keys;
         let mut report = RebuildReport::default();
 
         // The archives, and what the indexes say of them.

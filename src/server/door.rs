@@ -125,6 +125,8 @@ pub enum FileKind {
     Versions,
     PublicKey,
     Freshness,
+    /// `publisher-keys`
+    PublisherKeys,
     FreshnessBin,
     /// `packages/NAME`
     Package(PackageName),
@@ -163,6 +165,7 @@ impl FileKind {
             | FileKind::Versions
             | FileKind::PublicKey
             | FileKind::Freshness
+            | FileKind::PublisherKeys
             | FileKind::FreshnessBin
             | FileKind::V1Index => None,
         }
@@ -231,7 +234,9 @@ impl Target {
                 | FileKind::Versions
                 | FileKind::FreshnessBin
                 | FileKind::V1Index => Access::Listing(org),
-                FileKind::PublicKey | FileKind::Freshness => Access::Repository(org),
+                FileKind::PublicKey | FileKind::Freshness | FileKind::PublisherKeys => {
+                    Access::Repository(org)
+                }
                 kind => match kind.package() {
                     Some(name) => Access::Package(org, name.clone()),
                     None => Access::Listing(org),
@@ -513,6 +518,7 @@ fn file_kind(rest: &[&str]) -> Result<FileKind, Option<IdentError>> {
         ["versions"] => FileKind::Versions,
         ["public_key"] => FileKind::PublicKey,
         ["freshness"] => FileKind::Freshness,
+        ["publisher-keys"] => FileKind::PublisherKeys,
         ["freshness-bins", bin]
             if bin.len() == 2
                 && bin

@@ -143,13 +143,15 @@ impl From<PublishError> for ApiError {
             PublishError::Invalid(m) => Self::bad_request(m),
             PublishError::Ident(e) => Self::from(e),
             PublishError::Archive(e) => Self::bad_request(format!("invalid archive: {e}")),
-            // The cause was logged when the write failed (and may name
-            // paths on the server); this change is safe to retry.
+            // This change's write failed, or mending the tree after an
+            // earlier one did. The cause was logged when the write failed
+            // (and may name paths on the server); the change is safe to
+            // retry.
             e @ PublishError::Aborted(_) => {
                 tracing::warn!(error = %e, "change not applied");
                 let mut err = Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "the registry could not write this change because an earlier write failed; try again",
+                    "the registry could not write this change to its tree; try again",
                 );
                 err.headers.push(("retry-after", "1".to_string()));
                 err

@@ -219,9 +219,61 @@ impl App {
                 "recovered the tree"
             );
         }
+        if let Some(keys) = self.publisher_keys().await? {
+            publisher.set_publisher_keys(keys).await?;
+        }
         let c = Arc::new(Committer::start(Arc::new(publisher)));
         map.insert(org.cloned(), c.clone());
         Ok(c)
+    }
+
+    /// Every publisher key of the key store, as the tree lists them.
+    async fn publisher_keys(
+        &self,
+    ) -> Result<Option<Vec<crate::index::pb::PublisherKey>>, PublishError> {
+        let Some(keys) = &self.keys else {
+            return Ok(None);
+        };
+        // One small query: not worth a blocking thread.
+        let records = keys
+            .publisher_keys()
+            .map_err(|e| PublishError::Invalid(e.to_string()))?;
+        Ok(Some(records.iter().map(|r| r.to_index()).collect()))
+    }
+
+    /// Re-signs the freshness record of every open repository whose record
+    /// expires within half its lifetime: a registry that takes no uploads
+    /// for weeks must not let clients see an expired record.
+    pub async fn refresh_expiring(&self) -> Result<(), PublishError> {
+        let Some(w) = &self.writer else {
+            return Ok(());
+        };
+        let margin = w.options.freshness_ttl / 2;
+        let committers: Vec<Arc<Committer>> = w.committers.lock().await.values().cloned().collect();
+        for c in committers {
+            let p = c.publisher();
+            if p.freshness_expires_within(margin).await? {
+                tracing::info!(repository = %p.repository(), "re-signing the freshness record");
+                p.refresh().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the key store's publisher keys in every repository open
+    /// (after one is registered or retired).
+    pub async fn republish_publisher_keys(&self) -> Result<(), PublishError> {
+        let Some(keys) = self.publisher_keys().await? else {
+            return Ok(());
+        };
+        let Some(w) = &self.writer else {
+            return Ok(());
+        };
+        let committers: Vec<Arc<Committer>> = w.committers.lock().await.values().cloned().collect();
+        for c in committers {
+            c.publisher().set_publisher_keys(keys.clone()).await?;
+        }
+        Ok(())
     }
 }
 

@@ -166,7 +166,8 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io_err("sync", dir))
 }
 
-fn is_alive(pid: u32) -> bool {
+/// Whether process `pid` still runs (owners of leftovers are judged by it).
+pub(crate) fn is_alive(pid: u32) -> bool {
     #[cfg(unix)]
     {
         let Ok(pid) = libc::pid_t::try_from(pid) else {

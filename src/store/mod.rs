@@ -28,6 +28,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
+pub(crate) use local::is_alive;
 pub use local::LocalStore;
 pub use object::ObjectBackend;
 
@@ -192,11 +193,13 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error("failed to {action} {path}: {source}")]
+    /// `error` is shown summarised (S3's XML error document cut down), and
+    /// is not a `source`: the whole of it would follow in the chain.
+    #[error("failed to {action} {path}: {}", object::summary(error))]
     Remote {
         action: &'static str,
         path: String,
-        source: Box<object_store::Error>,
+        error: Box<object_store::Error>,
     },
     #[error("{0}")]
     Config(String),

@@ -9,12 +9,16 @@
 //!
 //! An archive is sent in one PUT (create-only needs it: a multipart upload
 //! cannot be made conditional portably), from a memory map of the staged
-//! file, so the process does not copy it onto its heap. S3 takes at most
-//! 5 GB in one PUT; niso's own limit is 1 GiB by default.
+//! file, so the process does not copy it onto its heap: the mapped pages
+//! are the file's page cache (counted as the process's `RssFile`, dropped
+//! by the kernel when memory is short). S3 takes at most 5 GB in one PUT;
+//! niso's own limit is 1 GiB by default. A copy S3 cannot make by itself
+//! (`latest/ARCH`, whose `Cache-Control` differs from the archive's) goes
+//! through this process, through a temp file in `TMPDIR` when large.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{
@@ -44,9 +48,37 @@ fn remote(action: &'static str, path: &str) -> impl FnOnce(object_store::Error) 
         other => StoreError::Remote {
             action,
             path,
-            source: Box::new(other),
+            error: Box::new(other),
         },
     }
+}
+
+/// object_store's message for `e`, with S3's XML error document (which it
+/// quotes whole) cut down to its code and message, and at most 600 bytes.
+pub(super) fn summary(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let tag = |t: &str| {
+        let (open, close) = (format!("<{t}>"), format!("</{t}>"));
+        let a = text.find(&open)? + open.len();
+        let b = text[a..].find(&close)? + a;
+        Some(text[a..b].to_string())
+    };
+    let start = text.find("<?xml").or_else(|| text.find("<Error>"));
+    let shown = match (start, tag("Code")) {
+        (Some(i), Some(code)) => {
+            let message = tag("Message").unwrap_or_default();
+            format!("{}{code}: {message}", &text[..i])
+        }
+        _ => text.clone(),
+    };
+    if shown.len() <= 600 {
+        return shown;
+    }
+    let mut end = 600;
+    while !shown.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &shown[..end])
 }
 
 impl ObjectBackend {
@@ -80,15 +112,31 @@ impl ObjectBackend {
                 "an S3 store is s3://BUCKET or s3://BUCKET/PREFIX".into(),
             ));
         }
-        let s3 = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .build()
-            .map_err(|e| {
-                StoreError::Config(format!(
-                    "cannot use s3://{bucket_and_prefix}: {e} (set AWS_ENDPOINT_URL, \
+        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+        use object_store::ClientConfigKey;
+        let builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // object_store would refuse a plain http:// endpoint on the first
+        // request, in words that do not name the setting.
+        let endpoint = builder
+            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+        let allow_http = builder
+            .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+            .is_some_and(|v| v == "true");
+        if let Some(url) = endpoint.filter(|u| u.starts_with("http://")) {
+            if !allow_http {
+                return Err(StoreError::Config(format!(
+                    "the S3 endpoint is a plain http:// URL ({}); set AWS_ALLOW_HTTP=true to use it",
+                    super::cut(&url)
+                )));
+            }
+        }
+        let s3 = builder.build().map_err(|e| {
+            StoreError::Config(format!(
+                "cannot use s3://{bucket_and_prefix}: {e} (set AWS_ENDPOINT_URL, \
                      AWS_REGION and the credentials in the environment)"
-                ))
-            })?;
+            ))
+        })?;
         Ok(Self::new(
             Arc::new(s3),
             prefix,
@@ -189,14 +237,53 @@ fn file_bytes(path: &std::path::Path) -> Result<Bytes, StoreError> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    // Safety: the staged file belongs to this process and is not changed
-    // while it is sent (it is only removed, which keeps the mapping valid).
+    // Safety: the staged file (or a copy's spool) belongs to this process
+    // and is not changed while it is sent (it is only removed, which keeps
+    // the mapping valid).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| StoreError::Io {
         action: "map",
         path: path.display().to_string(),
         source,
     })?;
     Ok(Bytes::from_owner(map))
+}
+
+/// Objects larger than this that a copy must read through this process are
+/// spooled through a temp file (in `TMPDIR`) instead of memory.
+const SPOOL_ABOVE: u64 = 8 << 20;
+
+impl ObjectBackend {
+    /// The object at `path`, written to a temp file (removed when the
+    /// returned path is dropped).
+    async fn spool(&self, path: &TreePath) -> Result<tempfile::TempPath, StoreError> {
+        use tokio::io::AsyncWriteExt;
+        let io = |action: &'static str| {
+            let path = path.to_string();
+            move |source| StoreError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let Some((_, mut stream)) = self.get_stream(path).await? else {
+            return Err(StoreError::NotFound {
+                path: path.to_string(),
+            });
+        };
+        let tmp = tempfile::NamedTempFile::new()
+            .map_err(io("create a temp file for"))?
+            .into_temp_path();
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .await
+            .map_err(io("open a temp file for"))?;
+        while let Some(chunk) = stream.try_next().await? {
+            file.write_all(&chunk).await.map_err(io("spool"))?;
+        }
+        file.flush().await.map_err(io("spool"))?;
+        Ok(tmp)
+    }
 }
 
 #[async_trait::async_trait]
@@ -206,14 +293,32 @@ impl Store for ObjectBackend {
     }
 
     async fn get(&self, path: &TreePath) -> Result<Option<Object>, StoreError> {
-        let Some((meta, stream)) = self.get_stream(path).await? else {
+        let Some((meta, mut stream)) = self.get_stream(path).await? else {
             return Ok(None);
         };
-        let chunks: Vec<Bytes> = stream.try_collect().await?;
-        let bytes = if chunks.len() == 1 {
-            chunks.into_iter().next().unwrap_or_default()
-        } else {
-            Bytes::from(chunks.concat())
+        // One chunk (the in-memory store, a small object) is kept as it is;
+        // more are gathered into one buffer of the object's size, so the
+        // object is held once, not twice.
+        let mut first: Option<Bytes> = None;
+        let mut buf: Option<BytesMut> = None;
+        while let Some(chunk) = stream.try_next().await? {
+            match (&mut buf, first.take()) {
+                (Some(b), _) => b.extend_from_slice(&chunk),
+                (None, None) => first = Some(chunk),
+                (None, Some(f)) => {
+                    // The size the server claims, up to a bound: a wrong
+                    // claim costs a reallocation, never a huge reservation.
+                    let cap = usize::try_from(meta.size.min(64 << 20)).unwrap_or(0);
+                    let mut b = BytesMut::with_capacity(cap.max(f.len() + chunk.len()));
+                    b.extend_from_slice(&f);
+                    b.extend_from_slice(&chunk);
+                    buf = Some(b);
+                }
+            }
+        }
+        let bytes = match buf {
+            Some(b) => b.freeze(),
+            None => first.unwrap_or_default(),
         };
         Ok(Some(Object { meta, bytes }))
     }
@@ -347,11 +452,17 @@ impl Store for ObjectBackend {
                 });
         }
         // Otherwise through this process: the cost of a second path with
-        // other attributes (`latest/ARCH`) on an object store.
-        let obj = self.get(from).await?.ok_or_else(|| StoreError::NotFound {
-            path: from.to_string(),
-        })?;
-        self.put(to, Body::Bytes(obj.bytes), attributes, mode).await
+        // other attributes (`latest/ARCH`) on an object store. A large
+        // object goes through a temp file, never whole onto the heap.
+        if source.size <= SPOOL_ABOVE {
+            let obj = self.get(from).await?.ok_or_else(|| StoreError::NotFound {
+                path: from.to_string(),
+            })?;
+            return self.put(to, Body::Bytes(obj.bytes), attributes, mode).await;
+        }
+        let spooled = self.spool(from).await?;
+        self.put(to, Body::File(spooled.to_path_buf()), attributes, mode)
+            .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<TreePath>, StoreError> {

@@ -131,6 +131,8 @@ pub async fn revoke_key(
     })
     .await
     .map_err(ApiError::internal)??;
+    // Its publisher key, if it had one, is retired in the signed tree too.
+    app.republish_publisher_keys().await?;
     Ok(Json(serde_json::json!({ "id": id, "revoked": true })).into_response())
 }
 
@@ -177,6 +179,8 @@ pub async fn register_publisher_key(
     })
     .await
     .map_err(ApiError::internal)??;
+    // Into the signed tree, so clients can check signatures offline.
+    app.republish_publisher_keys().await?;
     Ok(Json(key_json(&record)).into_response())
 }
 
