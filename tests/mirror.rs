@@ -1323,3 +1323,93 @@ fn mirror_help_has_the_manual_example() {
         "{o}"
     );
 }
+
+#[test]
+fn the_destination_key_is_never_sent_to_the_source() {
+    // NISO_KEY is the destination's push key: a hostile source must not get
+    // it. An organization of a plain URL is read with --from-key alone.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    let key = s.tree().join("public_key");
+    let c = Client::new();
+    c.add("src", &s.url(""), &["--key", ADMIN_KEY]);
+    c.ok(&["push", p(&fixture(V100)), "--org", "team"]);
+
+    let mut env = Client::new();
+    env.env.push(("NISO_KEY".into(), ADMIN_KEY.into()));
+    let dst = tmp.path().join("mirror");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "registry".to_string(),
+            "mirror".into(),
+            "--from".into(),
+            s.url(""),
+            "--to".into(),
+            p(&dst).to_string(),
+            "--public-key".into(),
+            p(&key).to_string(),
+            "--name".into(),
+            "acme".into(),
+            "--org".into(),
+            "team".into(),
+        ];
+        a.extend(extra.iter().map(|e| e.to_string()));
+        a
+    };
+    let refused = args(&[]);
+    let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+    let e = env.fails(&refused, 2);
+    assert!(e.contains("401"), "{e}");
+    let with = args(&["--from-key", ADMIN_KEY]);
+    let with: Vec<&str> = with.iter().map(String::as_str).collect();
+    env.ok(&with);
+    assert_verifies(&dst, &key, "acme");
+    assert!(dst.join("repos/team/niso/packages/my-app").is_file());
+}
+
+#[test]
+fn one_mirror_run_at_a_time_writes_a_directory() {
+    // A second run (an overlapping cron job) into the same directory would
+    // roll the first one's copy back; it is refused while the first runs.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    let key = s.tree().join("public_key");
+    let dst = tmp.path().join("mirror");
+    std::fs::create_dir(&dst).unwrap();
+    // -o: the lock stays with flock(1), not with its child.
+    let mut holder = Command::new("flock")
+        .arg("-o")
+        .arg(&dst)
+        .args(["sleep", "30"])
+        .spawn()
+        .expect("flock(1)");
+    let args = [
+        "registry",
+        "mirror",
+        "--from",
+        &s.url(""),
+        "--to",
+        p(&dst),
+        "--public-key",
+        p(&key),
+        "--name",
+        "acme",
+    ];
+    let c = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        let out = c.run(&args);
+        let (o, e) = texts(&out);
+        if out.status.code() == Some(2) && e.contains("another process is writing") {
+            break e;
+        }
+        // flock(1) may not hold it yet.
+        assert!(Instant::now() < deadline, "{:?}: {o}{e}", out.status);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(std::fs::read_dir(&dst).unwrap().next().is_none(), "{e}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    c.ok(&args);
+    assert_verifies(&dst, &key, "acme");
+}

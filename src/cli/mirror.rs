@@ -49,9 +49,10 @@ use crate::store::Store;
 ///
 /// A source that is not a configured registry needs --public-key and
 /// --name (a data directory's own key and name are used). Organization
-/// repositories are mirrored with --org (read with the source registry's
-/// stored API key, NISO_KEY for a plain URL); a directory source's are all
-/// mirrored. Into a registry, NISO_KEY (else the stored key) is the API key.
+/// repositories are mirrored with --org (read with --from-key, else the
+/// source registry's stored API key); a directory source's are all
+/// mirrored. Into a registry, NISO_KEY (else the stored key) is the API key:
+/// it is never sent to the source.
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
 Examples:
@@ -93,6 +94,16 @@ pub struct MirrorArgs {
     /// Also mirror this organization repository (`repos/ORG/`); repeatable.
     #[arg(long = "org", value_name = "ORG")]
     orgs: Vec<RepoName>,
+    /// The API key (pull: scope) to read the source's organizations with;
+    /// default: the key stored for the source registry. NISO_KEY is never
+    /// used for the source: it is the destination's.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "NISO_FROM_KEY",
+        hide_env_values = true
+    )]
+    from_key: Option<String>,
     /// Downloads (and uploads) at once.
     #[arg(long, value_name = "N", default_value_t = mirror::DEFAULT_JOBS as u64,
           value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -158,6 +169,11 @@ impl MirrorArgs {
                 bail!("--from and --to are the same directory ({})", d.display());
             }
         }
+        // One run at a time into a directory, for all its repositories.
+        let _lock = match &to {
+            To::Dir(d) => Some(mirror::DirLock::take(d)?),
+            To::Registry(_) => None,
+        };
         let options = Options {
             jobs: usize::try_from(self.jobs).unwrap_or(mirror::DEFAULT_JOBS),
             limits: Limits::default(),
@@ -314,7 +330,7 @@ impl MirrorArgs {
                 // go without it (a CDN in front has no business seeing it).
                 // The stored key, not NISO_KEY: that one is for the
                 // destination.
-                let api_key = org.and(stored_key(r));
+                let api_key = org.and(self.from_key.clone().or_else(|| stored_key(r)));
                 let t = HttpTransport::with_key(base.trim_end_matches('/'), api_key.as_deref())?;
                 let state = RegistryState::open(&r.name, &r.public_key.fingerprint())?;
                 let seen = state.seen(&freshness_path(org))?;
@@ -323,7 +339,7 @@ impl MirrorArgs {
             }
             From::Url { url, key, name } => {
                 let base = format!("{url}/{}", prefix.prefix());
-                let api_key = org.and(std::env::var(crate::client::config::KEY_ENV).ok());
+                let api_key = org.and(self.from_key.clone());
                 let t = HttpTransport::with_key(base.trim_end_matches('/'), api_key.as_deref())?;
                 let repo = org.map_or_else(|| name.to_string(), |o| o.to_string());
                 (Box::new(t), key.clone(), repo, None)

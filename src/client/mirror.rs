@@ -377,9 +377,16 @@ impl Cache {
                 return Ok(bytes.clone());
             }
         }
-        let bytes = match fetch_patiently(source, &d.path, limit) {
+        // At most the length the record names: anything longer does not
+        // match it, so a hostile source cannot make each fetch hold the
+        // whole index limit.
+        let bytes = match fetch_patiently(source, &d.path, limit.min(d.length)) {
             Ok(b) => b,
-            Err(TransportError::NotFound { .. }) => return Err(Fail::Moved(d.path.clone())),
+            Err(TransportError::NotFound { .. } | TransportError::TooLarge { .. })
+                if d.length <= limit =>
+            {
+                return Err(Fail::Moved(d.path.clone()))
+            }
             Err(e) => return Err(e.into()),
         };
         self.fetches.fetch_add(1, Ordering::Relaxed);
@@ -400,6 +407,17 @@ impl Cache {
             Err(Fail::Moved(d.path.clone()))
         }
     }
+}
+
+/// Creates `tmp`, which must not exist (so a planted symlink is never
+/// followed).
+fn create_new(tmp: &Path) -> Result<File, MirrorError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(io_err("create", tmp))
 }
 
 /// Runs `f` on every item on the pool's threads, in order; the first error
@@ -747,7 +765,9 @@ fn take_snapshot(
     // verified with.
     let public_key = match fetch_patiently(source, layout::PUBLIC_KEY, 1 << 20) {
         Ok(b) => match PublicKey::from_pem(&b, layout::PUBLIC_KEY) {
-            Ok(k) if k == source.key => Some(b),
+            // Written as this client encodes the key, not as fetched: the
+            // file is unsigned, so no bytes beyond the key travel with it.
+            Ok(k) if k == source.key => Some(source.key.to_pem().into_bytes()),
             Ok(k) => {
                 return Err(inconsistent(
                     source.location(layout::PUBLIC_KEY),
@@ -1121,12 +1141,7 @@ impl DirTarget {
     /// A new temp file beside `full`.
     fn temp_beside(&self, full: &Path) -> Result<(PathBuf, File), MirrorError> {
         let tmp = self.temp_name(full)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
+        let file = create_new(&tmp)?;
         Ok((tmp, file))
     }
 
@@ -1175,12 +1190,18 @@ impl DirTarget {
             }
             let tmp = self.temp_name(&dst)?;
             let guard = TempGuard(Some(tmp.clone()));
-            if fs::hard_link(&src, &tmp).is_err() {
-                fs::copy(&src, &tmp).map_err(io_err("copy to", &tmp))?;
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&tmp)
-                    .map_err(io_err("open", &tmp))?;
+            let linked = fs::hard_link(&src, &tmp);
+            if let Err(e) = linked {
+                // Something already has the temp file's name (planted,
+                // perhaps a symlink): never write through it.
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    return Err(io_err("link to", &tmp)(e));
+                }
+                // A file system without hard links: a copy, into a file
+                // this run creates.
+                let mut f = create_new(&tmp)?;
+                let mut from = File::open(&src).map_err(io_err("open", &src))?;
+                io::copy(&mut from, &mut f).map_err(io_err("copy to", &tmp))?;
                 let old = fs::metadata(&dst).ok().and_then(|m| m.modified().ok());
                 f.set_times(fs::FileTimes::new().set_modified(self.next_stamp(old)))
                     .map_err(io_err("stamp", &tmp))?;
@@ -1356,6 +1377,40 @@ fn clean_leftovers(top: &Path) -> Result<usize, MirrorError> {
             path: top.display().to_string(),
             reason: format!("cannot remove the temp files of an earlier run: {e}"),
         })
+}
+
+/// An exclusive `flock` of a mirror's top directory (as the local store's
+/// writers take it), held for a whole run: two runs into one directory
+/// would undo each other (the slower one rolling the copy back and removing
+/// the newer one's archives).
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Locks `top` (created if missing), or says another run holds it.
+    pub fn take(top: &Path) -> Result<Self, MirrorError> {
+        fs::create_dir_all(top).map_err(io_err("create", top))?;
+        let file = File::open(top).map_err(io_err("open", top))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Err(MirrorError::Destination {
+                        path: top.display().to_string(),
+                        reason: "another process is writing this directory (a mirror run); try again when it has finished".into(),
+                    });
+                }
+                return Err(io_err("lock", top)(e));
+            }
+        }
+        // The lock goes with the descriptor, when the run ends.
+        Ok(Self { _file: file })
+    }
 }
 
 /// Mirrors `source` into a directory, verbatim.
@@ -1724,6 +1779,26 @@ fn upload_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_planted_temp_name_is_never_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path().join("mirror");
+        fs::create_dir_all(top.join("archives")).unwrap();
+        fs::write(top.join("archives/a.niso"), b"archive").unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let target = DirTarget::new(&top, None);
+        // The first temp name this target will use, planted as a symlink.
+        fs::create_dir_all(top.join("v1")).unwrap();
+        let planted = top.join(format!(".tmp-{}-m0-a.tar", std::process::id()));
+        let planted = top.join("v1").join(planted.file_name().unwrap());
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let links = [("archives/a.niso".to_string(), "v1/a.tar".to_string())];
+        assert!(target.links(&pool(1).unwrap(), &links).is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!top.join("v1/a.tar").exists());
+    }
 
     #[test]
     fn only_index_paths_of_valid_names_are_fetched() {
