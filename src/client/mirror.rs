@@ -1015,6 +1015,9 @@ pub struct DirTarget {
     is_root: bool,
     temp: AtomicU64,
     stamp: AtomicU64,
+    /// Archives (path, SHA-256) checked or written in this run: a walk
+    /// started over does not hash them again.
+    checked: Mutex<BTreeSet<(String, Vec<u8>)>>,
     /// syncfs calls and the time they took (for the debug log).
     syncs: AtomicU64,
     sync_ns: AtomicU64,
@@ -1039,11 +1042,16 @@ impl DirTarget {
             stamp: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_ns: AtomicU64::new(0),
+            checked: Mutex::new(BTreeSet::new()),
         }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn checked(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, Vec<u8>)>> {
+        self.checked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Refuses a directory that is not this repository's mirror (another
@@ -1157,7 +1165,12 @@ impl DirTarget {
     /// Returns the bytes fetched (0 when kept).
     fn archive(&self, source: &Source, w: &Wanted, limits: &Limits) -> Result<Option<u64>, Fail> {
         let full = self.full(&w.path);
+        let key = (w.path.clone(), w.sha256.clone());
+        if self.checked().contains(&key) {
+            return Ok(None);
+        }
         if have_archive(&full, w)? {
+            self.checked().insert(key);
             return Ok(None);
         }
         let (tmp, mut file) = self.temp_beside(&full)?;
@@ -1172,6 +1185,7 @@ impl DirTarget {
         // The stage's syncfs makes it durable before any index names it.
         fs::rename(&tmp, &full).map_err(io_err("rename into", &full))?;
         guard.keep();
+        self.checked().insert(key);
         Ok(Some(n))
     }
 
