@@ -1413,3 +1413,49 @@ fn one_mirror_run_at_a_time_writes_a_directory() {
     c.ok(&args);
     assert_verifies(&dst, &key, "acme");
 }
+
+#[test]
+fn a_url_source_that_goes_back_in_time_is_a_rollback_for_any_destination() {
+    // A source given by URL alone: the generation seen there is kept, so a
+    // replayed older tree at that URL is refused even into a new directory.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    let key = s.tree().join("public_key");
+    let c = Client::new();
+    c.add("src", &s.url(""), &["--key", ADMIN_KEY]);
+    c.ok(&["push", p(&fixture(V100))]);
+    let old = tmp.path().join("old");
+    let site = tmp.path().join("site");
+    let copy = |from: &Path, to: &Path| {
+        let _ = std::fs::remove_dir_all(to);
+        let st = Command::new("cp").arg("-a").arg(from).arg(to).status();
+        assert!(st.unwrap().success());
+    };
+    copy(&s.tree(), &old);
+    c.ok(&["push", p(&fixture(V110))]);
+    copy(&s.tree(), &site);
+    let host = CountingHost::start(&site, Duration::ZERO, None);
+    let mirror = |to: &Path| {
+        c.run(&[
+            "registry",
+            "mirror",
+            "--from",
+            &host.url(),
+            "--to",
+            p(to),
+            "--public-key",
+            p(&key),
+            "--name",
+            "acme",
+        ])
+    };
+    let out = mirror(&tmp.path().join("first"));
+    assert_eq!(out.status.code(), Some(0), "{:?}", texts(&out));
+    copy(&old, &site);
+    let second = tmp.path().join("second");
+    let out = mirror(&second);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}{e}");
+    assert!(e.contains("(a rollback)"), "{e}");
+    assert!(!second.join("freshness").exists(), "{e}");
+}

@@ -222,10 +222,9 @@ impl MirrorArgs {
                     )?
                 }
             };
-            if let From::Registry(r) = &from {
-                // The source's generation is now one this client has seen:
-                // an older one later is a rollback.
-                let state = RegistryState::open(&r.name, &r.public_key.fingerprint())?;
+            // The source's generation is now one this client has seen: an
+            // older one later is a rollback.
+            if let Some(state) = source_state(&from)? {
                 state.record(&freshness_path(org), summary.generation)?;
             }
             failures += summary.problems.len();
@@ -318,6 +317,12 @@ impl MirrorArgs {
             expired: self.allow_expired,
         };
         let prefix = org.map(Layout::organization).unwrap_or_else(Layout::root);
+        let seen = |from: &From| -> anyhow::Result<Option<u64>> {
+            Ok(match source_state(from)? {
+                Some(state) => state.seen(&freshness_path(org))?,
+                None => None,
+            })
+        };
         let (transport, key, repository, seen): (
             Box<dyn Transport>,
             PublicKey,
@@ -332,17 +337,15 @@ impl MirrorArgs {
                 // destination.
                 let api_key = org.and(self.from_key.clone().or_else(|| stored_key(r)));
                 let t = HttpTransport::with_key(base.trim_end_matches('/'), api_key.as_deref())?;
-                let state = RegistryState::open(&r.name, &r.public_key.fingerprint())?;
-                let seen = state.seen(&freshness_path(org))?;
                 let repo = org.map_or_else(|| r.repository.to_string(), |o| o.to_string());
-                (Box::new(t), r.public_key.clone(), repo, seen)
+                (Box::new(t), r.public_key.clone(), repo, seen(from)?)
             }
             From::Url { url, key, name } => {
                 let base = format!("{url}/{}", prefix.prefix());
                 let api_key = org.and(self.from_key.clone());
                 let t = HttpTransport::with_key(base.trim_end_matches('/'), api_key.as_deref())?;
                 let repo = org.map_or_else(|| name.to_string(), |o| o.to_string());
-                (Box::new(t), key.clone(), repo, None)
+                (Box::new(t), key.clone(), repo, seen(from)?)
             }
             From::Store {
                 store, key, name, ..
@@ -446,6 +449,16 @@ fn freshness_path(org: Option<&RepoName>) -> String {
     org.map(Layout::organization)
         .unwrap_or_else(Layout::root)
         .dir(layout::FRESHNESS)
+}
+
+/// Where the generations seen of a source are kept: per configured
+/// registry, or per URL; none for a directory (it is the operator's own).
+fn source_state(from: &From) -> anyhow::Result<Option<RegistryState>> {
+    Ok(match from {
+        From::Registry(r) => Some(RegistryState::open(&r.name, &r.public_key.fingerprint())?),
+        From::Url { url, key, .. } => Some(RegistryState::for_url(url, &key.fingerprint())?),
+        From::Store { .. } => None,
+    })
 }
 
 /// The API key stored for a registry (its config entry), ignoring NISO_KEY.

@@ -66,6 +66,23 @@ impl RegistryState {
         ))
     }
 
+    /// The state of a registry read by URL alone (not configured), whose
+    /// key has `fingerprint`: kept by the URL's digest, so a replayed older
+    /// tree at that URL is a rollback there too.
+    pub fn for_url(url: &str, fingerprint: &str) -> Result<Self, StateError> {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(url.trim_end_matches('/').as_bytes());
+        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let dir = dirs::state_dir()
+            .ok_or(StateError::NoStateDir)?
+            .join("niso")
+            .join("urls");
+        Ok(Self::at(
+            dir.join(format!("{name}.toml")),
+            fingerprint.to_string(),
+        ))
+    }
+
     pub fn at(path: PathBuf, fingerprint: String) -> Self {
         Self { path, fingerprint }
     }
