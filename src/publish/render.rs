@@ -15,6 +15,19 @@ use crate::index::layout::{self, Layout};
 pub use crate::index::view::*;
 use crate::index::{encode_index, pb, Signer};
 
+/// TEMPORARY, for the bench comparison only: `NISO_BENCH_MECH` = `scratch`
+/// (regroup every row on each change), `nocache` (deflate every group on
+/// each change) or `both`.
+fn bench_mech() -> (bool, bool) {
+    static MECH: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+    *MECH.get_or_init(|| match std::env::var("NISO_BENCH_MECH").as_deref() {
+        Ok("scratch") => (true, false),
+        Ok("nocache") => (false, true),
+        Ok("both") => (true, true),
+        _ => (false, false),
+    })
+}
+
 /// The files of one package: its `v1/` documents and downloads, Hex's
 /// `packages/NAME` (when it has Hex releases) and `niso/packages/NAME`, in
 /// that order (the signed indexes after what they describe). Returns them
@@ -254,16 +267,16 @@ impl Rows {
             }
             let before = (Bound::Unbounded, Bound::Excluded(name));
             let start = match self.rows.range::<str, _>(before).rev().find(fixed) {
-                Some((n, _)) => Bound::Excluded(n.as_str()),
-                None => Bound::Unbounded,
+                Some((n, _)) if !bench_mech().0 => Bound::Excluded(n.as_str()),
+                _ => Bound::Unbounded,
             };
             let end = match self
                 .rows
                 .range::<str, _>((Bound::Excluded(name), Bound::Unbounded))
                 .find(fixed)
             {
-                Some((n, _)) => Bound::Included(n.as_str()),
-                None => Bound::Unbounded,
+                Some((n, _)) if !bench_mech().0 => Bound::Included(n.as_str()),
+                _ => Bound::Unbounded,
             };
             let stretch = (start, end);
             out.removed.extend(
@@ -374,6 +387,10 @@ pub fn global_files(
             cuts.push(payload.len());
         }
         prost::encoding::string::encode(2, &repository, &mut payload);
+        if bench_mech().1 {
+            let mut fresh = SegmentCache::default();
+            return Ok(Some(encode_segmented(payload, &cuts, signer, &mut fresh)?));
+        }
         Ok(Some(encode_segmented(payload, &cuts, signer, cache)?))
     };
     let list = || {
