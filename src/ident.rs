@@ -10,19 +10,48 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// Why an identifier was rejected. The message names the rule it broke.
+use crate::limits::{Clipped, Quoted};
+
+/// Why an identifier was rejected. The message names the rule it broke, and
+/// shows the rejected text cut to a few hundred bytes (it may come from a
+/// URL or an archive of any size).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentError {
-    #[error("invalid package name {name:?}: {rule}")]
+    #[error("invalid package name {}: {rule}", Quoted(name))]
     PackageName { name: String, rule: &'static str },
-    #[error("invalid version {version:?}: {reason}")]
+    #[error("invalid version {}: {}", Quoted(version), Clipped(reason))]
     Version { version: String, reason: String },
-    #[error("invalid arch {arch:?}: {rule}")]
+    #[error("invalid arch {}: {rule}", Quoted(arch))]
     Arch { arch: String, rule: &'static str },
-    #[error("invalid repository name {name:?}: {rule}")]
+    #[error("invalid repository name {}: {rule}", Quoted(name))]
     RepoName { name: String, rule: &'static str },
-    #[error("invalid tag {tag:?}: {rule}")]
+    #[error("invalid tag {}: {rule}", Quoted(tag))]
     Tag { tag: String, rule: &'static str },
+}
+
+/// The rule a Windows device name breaks, as the error states it.
+const WINDOWS_DEVICE_RULE: &str =
+    "is a reserved device name on Windows (con, prn, aux, nul, com0-com9, lpt0-lpt9): \
+     a tree holding it could not be copied to a Windows machine";
+
+/// Whether Windows reserves `name` for a device. Such a name cannot be a
+/// file or directory there, in any case and even with an extension
+/// (`con.txt`); package, repository and tag names become directories
+/// (`packages/con`, `repos/aux/`) and arches file names
+/// (`v1/packages/NAME/VERSION/com1`), so a tree holding one could not be
+/// copied to a Windows machine, as air-gapped sites often need. The list is
+/// Microsoft's ("Naming Files, Paths, and Namespaces"), which also names
+/// `COM0` and `LPT0`.
+pub fn is_windows_device_name(name: &str) -> bool {
+    let stem = name.split('.').next().unwrap_or(name).to_ascii_lowercase();
+    match stem.as_bytes() {
+        b"con" | b"prn" | b"aux" | b"nul" => true,
+        [a, b, c, digit] => {
+            let prefix = [*a, *b, *c];
+            (&prefix == b"com" || &prefix == b"lpt") && digit.is_ascii_digit()
+        }
+        _ => false,
+    }
 }
 
 /// Longest package name accepted. Hex has no documented cap; 64 keeps file
@@ -30,7 +59,9 @@ pub enum IdentError {
 pub const MAX_NAME_LEN: usize = 64;
 
 /// A package name: 1 to 64 characters of lowercase ASCII letters, digits, `_`
-/// and `-`, starting with a letter and not ending with `_` or `-`.
+/// and `-`, starting with a letter and not ending with `_` or `-`, and not a
+/// device name on Windows (`con`, `nul`, `com1`, …; see
+/// [`is_windows_device_name`]).
 ///
 /// This is Hex's rule (`[a-z][a-z0-9_]*`) widened by `-`, so every Hex package
 /// name is valid and niso packages may be called `my-app`. Names that differ
@@ -44,12 +75,27 @@ pub const MAX_NAME_LEN: usize = 64;
 /// assert!(PackageName::new("phoenix_html").is_ok());
 /// assert!(PackageName::new("My App").is_err());
 /// assert!(PackageName::new("../etc").is_err());
+/// assert!(PackageName::new("con").is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PackageName(String);
 
 impl PackageName {
     pub fn new(name: &str) -> Result<Self, IdentError> {
+        let checked = Self::reference(name)?;
+        if is_windows_device_name(name) {
+            return Err(IdentError::PackageName {
+                name: name.to_string(),
+                rule: WINDOWS_DEVICE_RULE,
+            });
+        }
+        Ok(checked)
+    }
+
+    /// A name that only refers to a package, such as a Hex requirement's,
+    /// which may live in another repository and never becomes a path in
+    /// this tree: the syntax rule alone, without the Windows device names.
+    pub fn reference(name: &str) -> Result<Self, IdentError> {
         let err = |rule| IdentError::PackageName {
             name: name.to_string(),
             rule,
@@ -150,8 +196,9 @@ impl Ord for Version {
 const RESERVED_ARCHES: &[&str] = &["manifest", "latest", "versions", "tags"];
 
 /// A target architecture: 1 to 32 characters of lowercase ASCII letters,
-/// digits and `_` (`x86_64`, `aarch64`, `riscv64`). `any` is the arch of Hex
-/// tarballs and of arch-independent `.niso` archives.
+/// digits and `_` (`x86_64`, `aarch64`, `riscv64`), not a reserved word nor a
+/// device name on Windows (it is a file name in `v1/packages/NAME/VERSION/`).
+/// `any` is the arch of Hex tarballs and of arch-independent `.niso` archives.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Arch(String);
 
@@ -176,6 +223,9 @@ impl Arch {
         }
         if RESERVED_ARCHES.contains(&arch) {
             return Err(err("is a reserved word (manifest, latest, versions, tags)"));
+        }
+        if is_windows_device_name(arch) {
+            return Err(err(WINDOWS_DEVICE_RULE));
         }
         Ok(Self(arch.to_string()))
     }
@@ -348,6 +398,53 @@ mod tests {
             "", "X86", "x86-64", "manifest", "latest", "tags", "versions", "a/b", "..",
         ] {
             assert!(Arch::new(bad).is_err(), "{bad:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn windows_device_names_are_refused_everywhere_they_become_paths() {
+        let mut devices = vec!["con", "prn", "aux", "nul"];
+        let numbered: Vec<String> = (0..10)
+            .flat_map(|n| [format!("com{n}"), format!("lpt{n}")])
+            .collect();
+        devices.extend(numbered.iter().map(String::as_str));
+        for name in devices {
+            let e = PackageName::new(name).unwrap_err().to_string();
+            assert!(e.contains("Windows") && e.contains(name), "{e}");
+            assert!(
+                matches!(RepoName::new(name), Err(IdentError::RepoName { rule, .. }) if rule.contains("Windows"))
+            );
+            assert!(
+                matches!(TagName::new(name), Err(IdentError::Tag { rule, .. }) if rule.contains("Windows"))
+            );
+            assert!(
+                matches!(Arch::new(name), Err(IdentError::Arch { rule, .. }) if rule.contains("Windows"))
+            );
+            // A reference (a requirement) is only a name, not a path.
+            assert!(PackageName::reference(name).is_ok());
+        }
+        for ok in ["console", "aux2", "com10", "lpt", "nul_x", "prn-a", "icon"] {
+            assert!(PackageName::new(ok).is_ok(), "{ok}");
+            assert!(Arch::new(&ok.replace('-', "_")).is_ok(), "{ok}");
+        }
+        assert!(is_windows_device_name("CON.txt") && is_windows_device_name("Lpt1"));
+        // The syntax rule still applies to references.
+        assert!(PackageName::reference("Con").is_err());
+    }
+
+    #[test]
+    fn errors_show_at_most_a_few_hundred_bytes_of_the_input() {
+        let huge = "A".repeat(1 << 20);
+        for e in [
+            PackageName::new(&huge).unwrap_err(),
+            Version::new(&huge).unwrap_err(),
+            Arch::new(&huge).unwrap_err(),
+            RepoName::new(&huge).unwrap_err(),
+            TagName::new(&huge).unwrap_err(),
+        ] {
+            let text = e.to_string();
+            assert!(text.len() < 600, "{} bytes: {text:.100}", text.len());
+            assert!(text.contains("1048576 bytes"), "{text:.400}");
         }
     }
 

@@ -1948,3 +1948,605 @@ fn random_bytes_are_refused() {
         }
     );
 }
+
+// ---------------------------------------------------------------------------
+// Security issue 16: extension headers, data after the end-of-archive
+// marker, Hex's own limits, Hex descriptions, and the length of error
+// messages. Each test below failed on commit eb07f8a.
+
+/// The raw header of a GNU long-name (`L`) entry that announces `size` bytes.
+fn long_name_header(size: u64) -> Vec<u8> {
+    header(&Ent {
+        declared: Some(size),
+        ..ent("././@LongLink", tar::EntryType::GNULongName)
+    })
+    .as_bytes()
+    .to_vec()
+}
+
+/// `prefix`, then a pax header holding `size=0`, then a GNU long-name header
+/// of `size` bytes (its data is not included).
+fn pax_then_long_name(prefix: &[Ent], size: u64) -> Vec<u8> {
+    let mut head = tar_body(prefix);
+    head.extend_from_slice(&tar_body(&[pax(&[("size", "0")])]));
+    head.extend_from_slice(&long_name_header(size));
+    head
+}
+
+/// Most bytes an error message may take: user text in it is cut to a few
+/// hundred bytes.
+const SHORT_MESSAGE: usize = 1024;
+
+#[test]
+fn pax_size_is_not_applied_to_a_following_extension_header() {
+    // Regression test (security issue 16, item 2): safe::TarGuard applied a
+    // pax `size` record to the next header even when that header was a GNU
+    // long name, as tar does not. A pax header with size=0 followed by a
+    // long name of many MiB of NULs passed the guard ("0 bytes"), the tar
+    // reader buffered the whole name, and the error echoed it.
+    let size = 64 * MIB;
+    let niso = gz_with_zeros(
+        &pax_then_long_name(&[file("niso.toml", MANIFEST)], size),
+        size + 1024,
+    );
+    let contents = Hex {
+        contents: gz_with_zeros(&pax_then_long_name(&[], size), size + 1024),
+        ..Hex::valid()
+    }
+    .build();
+    // The outer Hex tar is not compressed: 1 MiB of name is enough there.
+    let mut outer = tar_body(&Hex::valid().parts());
+    outer.extend_from_slice(&pax_then_long_name(&[], MIB));
+    outer.extend_from_slice(&vec![0u8; MIB as usize + 1024]);
+
+    let mut failures = Vec::new();
+    for (what, bytes) in [
+        (".niso", niso),
+        ("contents.tar.gz", contents),
+        ("Hex outer tar", outer),
+    ] {
+        let (result, peak) = alloc_track::peak_during(|| inspect(bytes.as_slice(), &limits()));
+        match &result {
+            Err(e @ ArchiveError::MetadataTooLarge { limit: 65536, .. }) => {
+                let text = e.to_string();
+                if text.len() > SHORT_MESSAGE {
+                    failures.push(format!("{what}: message of {} bytes", text.len()));
+                }
+            }
+            other => failures.push(format!(
+                "{what}: expected MetadataTooLarge, got {:.300}",
+                format!("{other:?}")
+            )),
+        }
+        if peak >= 4 * MIB as usize {
+            failures.push(format!("{what}: allocated {peak} bytes"));
+        }
+    }
+    assert_no_failures(&failures);
+}
+
+#[test]
+fn a_pax_size_applies_to_the_entry_after_a_long_name() {
+    // tar (GNU tar and the `tar` crate alike) applies a pax header to the
+    // next *file* entry, skipping GNU long-name headers in between. The
+    // guard must frame the archive the same way: here the file's 512 bytes
+    // of data look like a header announcing a 48 MiB long name, which a
+    // guard that applied `size=512` to the long name would take for a
+    // header (and refuse) instead of the file's contents.
+    let fake = long_name_header(48 * MIB);
+    let entries = |prefix: Vec<Ent>, name: &str| {
+        let mut v = prefix;
+        v.push(pax(&[("size", "512")]));
+        v.push(Ent {
+            data: format!("{name}\0").into_bytes(),
+            ..ent("././@LongLink", tar::EntryType::GNULongName)
+        });
+        v.push(Ent {
+            declared: Some(0),
+            ..file("placeholder", &fake)
+        });
+        v
+    };
+    let niso = niso_of(&entries(niso_entries(), "payload/looks-like-a-header.bin"));
+    let hex = Hex {
+        contents: gz(&tar_of(&entries(
+            hex_contents_entries(),
+            "priv/looks-like-a-header.bin",
+        ))),
+        ..Hex::valid()
+    }
+    .build();
+    accept(&niso, &limits());
+    accept(&hex, &limits());
+}
+
+#[test]
+fn ambiguous_pax_records_are_refused() {
+    // Readers disagree on these, so what the guard checked is not what
+    // every client unpacks: two `size` records (the `tar` crate takes the
+    // first, GNU tar the last), a record that does not parse, and the
+    // GNU.sparse.* records with which GNU tar and Python unpack an entry
+    // under another name (`GNU.sparse.name`) and size.
+    let cases: Vec<(&str, Vec<Ent>)> = vec![
+        (
+            "two size records",
+            vec![
+                pax(&[("size", "0"), ("size", "5")]),
+                Ent {
+                    declared: Some(0),
+                    ..file("payload/a", "hello")
+                },
+            ],
+        ),
+        (
+            "two path records",
+            vec![
+                pax(&[("path", "payload/a"), ("path", "../evil")]),
+                file("payload/b", "x"),
+            ],
+        ),
+        (
+            "GNU.sparse.name",
+            vec![
+                pax(&[
+                    ("GNU.sparse.major", "1"),
+                    ("GNU.sparse.minor", "0"),
+                    ("GNU.sparse.name", "../../../tmp/pwned"),
+                    ("GNU.sparse.realsize", "5"),
+                ]),
+                file("payload/GNUSparseFile.0/a", "hello"),
+            ],
+        ),
+        (
+            "a record that does not parse",
+            vec![
+                Ent {
+                    // LEN says 8, the record is 9 bytes.
+                    data: b"8 size=5\n".to_vec(),
+                    ..ent("././@PaxHeader", tar::EntryType::XHeader)
+                },
+                file("payload/a", "hello"),
+            ],
+        ),
+        (
+            "a size that is not a number",
+            vec![pax(&[("size", "5x")]), file("payload/a", "hello")],
+        ),
+        // The `tar` crate names the entry by the long name, GNU tar by the
+        // pax path: the checked name would not be the unpacked one.
+        (
+            "a long name and a pax path",
+            vec![
+                Ent {
+                    data: b"payload/ok\0".to_vec(),
+                    ..ent("././@LongLink", tar::EntryType::GNULongName)
+                },
+                pax(&[("path", "../../evil")]),
+                file("payload/placeholder", "x"),
+            ],
+        ),
+        (
+            "a pax path and a long name",
+            vec![
+                pax(&[("path", "../../evil")]),
+                Ent {
+                    data: b"payload/ok\0".to_vec(),
+                    ..ent("././@LongLink", tar::EntryType::GNULongName)
+                },
+                file("payload/placeholder", "x"),
+            ],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (case, extra) in cases {
+        let contents_extra: Vec<Ent> = extra
+            .iter()
+            .map(|e| Ent {
+                name: String::from_utf8_lossy(&e.name)
+                    .replace("payload/", "lib/")
+                    .into_bytes(),
+                ..e.clone()
+            })
+            .collect();
+        for (what, bytes) in [
+            (".niso", niso_with_extra(&extra)),
+            (
+                "contents.tar.gz",
+                Hex::with_extra_contents(&contents_extra).build(),
+            ),
+            ("Hex outer tar", Hex::valid().build_with_extra(&extra)),
+        ] {
+            match inspect(bytes.as_slice(), &limits()) {
+                Err(ArchiveError::BadExtension { reason, .. }) if reason.contains("pax") => {}
+                other => failures.push(format!("{case} in {what}: {other:?}")),
+            }
+        }
+    }
+    assert_no_failures(&failures);
+}
+
+/// Entries hidden after a tar's end-of-archive marker, as `tar -i` and
+/// Python's `tarfile(ignore_zeros=True)` list them.
+fn hidden_entries() -> Vec<Ent> {
+    vec![
+        file("../../../tmp/pwned", "owned\n"),
+        symlink("payload/shadow", "/etc/shadow"),
+    ]
+}
+
+#[test]
+fn entries_after_the_end_of_archive_marker_are_refused() {
+    // Regression test (security issue 16, item 3): the reader stopped at the
+    // first zero block and never looked at what followed, so entries after
+    // it were accepted unchecked.
+    let hidden = tar_of(&hidden_entries());
+    let one_byte = {
+        let mut v = vec![0u8; 1024];
+        v[700] = 1;
+        v
+    };
+    let mut failures = Vec::new();
+    for (tail_name, tail) in [("hidden entries", hidden), ("one non-zero byte", one_byte)] {
+        let niso = {
+            let mut t = tar_of(&niso_entries());
+            t.extend_from_slice(&tail);
+            gz(&t)
+        };
+        let outer = {
+            let mut t = Hex::valid().build();
+            t.extend_from_slice(&tail);
+            t
+        };
+        let contents = {
+            let mut t = tar_of(&hex_contents_entries());
+            t.extend_from_slice(&tail);
+            Hex {
+                contents: gz(&t),
+                ..Hex::valid()
+            }
+            .build()
+        };
+        for (what, bytes, label) in [
+            (".niso", niso, "archive"),
+            ("Hex outer tar", outer, "tarball"),
+            ("contents.tar.gz", contents, "contents.tar.gz"),
+        ] {
+            match inspect(bytes.as_slice(), &limits()) {
+                Err(e @ ArchiveError::DataAfterEnd { file }) if file == label => {
+                    let text = e.to_string();
+                    if !text.contains("end-of-archive") {
+                        failures.push(format!("{tail_name} in {what}: message {text:?}"));
+                    }
+                }
+                other => failures.push(format!("{tail_name} in {what}: {other:?}")),
+            }
+        }
+    }
+    // A lone zero block ends the archive for the tar crate; GNU tar warns
+    // and reads on. Entries after one are refused too.
+    let mut t = tar_body(&niso_entries());
+    t.extend_from_slice(&[0u8; 512]);
+    t.extend_from_slice(&tar_of(&hidden_entries()));
+    match inspect(gz(&t).as_slice(), &limits()) {
+        Err(ArchiveError::DataAfterEnd { file: "archive" }) => {}
+        other => failures.push(format!("after a lone zero block: {other:?}")),
+    }
+    assert_no_failures(&failures);
+}
+
+#[test]
+fn zero_padding_after_the_end_of_archive_marker_is_accepted() {
+    // tar pads archives to a record of 10 KiB with zeros; that stays fine.
+    let mut t = tar_of(&niso_entries());
+    t.resize(t.len().div_ceil(10240) * 10240, 0);
+    accept(&gz(&t), &limits());
+    let mut outer = Hex::valid().build();
+    outer.resize(outer.len().div_ceil(10240) * 10240, 0);
+    accept(&outer, &limits());
+    // No end-of-archive marker at all is accepted as before.
+    accept(&gz(&tar_body(&niso_entries())), &limits());
+}
+
+/// A Hex tarball whose contents.tar.gz holds one file of `zeros` zero bytes
+/// (compressed, so the tarball stays small).
+fn hex_with_zeros(zeros: u64) -> Vec<u8> {
+    let head = tar_body(&[Ent {
+        declared: Some(zeros),
+        ..file("priv/zeros.bin", "")
+    }]);
+    // Data, padding and the two end blocks.
+    let tail = zeros.div_ceil(512) * 512 - zeros + 1024;
+    Hex {
+        contents: gz_with_zeros(&head, zeros + tail),
+        ..Hex::valid()
+    }
+    .build()
+}
+
+/// The same, as a `.niso` whose payload holds the file.
+fn niso_with_zeros(zeros: u64) -> Vec<u8> {
+    let head = tar_body(&[
+        file("niso.toml", MANIFEST),
+        dir("payload/"),
+        dir("payload/bin/"),
+        exe("payload/bin/my-app", "#!/bin/sh\n"),
+        Ent {
+            declared: Some(zeros),
+            ..file("payload/zeros.bin", "")
+        },
+    ]);
+    let tail = zeros.div_ceil(512) * 512 - zeros + 1024;
+    gz_with_zeros(&head, zeros + tail)
+}
+
+#[test]
+fn hex_tarballs_get_hex_core_limits_by_default() {
+    // Regression test (security issue 16, item 4): hex_core refuses a
+    // tarball over 16 MiB or one whose contents.tar.gz unpacks to more than
+    // 128 MiB; niso accepted a 600 KB upload unpacking to 600 MiB.
+    let lim = Limits::default();
+    assert_eq!(lim.max_hex_tarball, 16 * MIB);
+    assert_eq!(lim.max_hex_unpacked, 128 * MIB);
+    let bomb = hex_with_zeros(600 * MIB);
+    // (about 600 KB at gzip's best compression; this one is made fast)
+    assert!(bomb.len() < 3_000_000, "{} bytes", bomb.len());
+    assert_err!(
+        refuse(&bomb, &lim),
+        ArchiveError::UnpackedTooLarge { limit } if *limit == 128 * MIB
+    );
+    // The same 200 MiB is fine in a .niso (its limit is 4 GiB), not in a
+    // Hex tarball.
+    accept(&niso_with_zeros(200 * MIB), &lim);
+    assert_err!(
+        refuse(&hex_with_zeros(200 * MIB), &lim),
+        ArchiveError::UnpackedTooLarge { limit } if *limit == 128 * MIB
+    );
+    // A 17 MiB Hex tarball (incompressible contents) is over 16 MiB; a
+    // .niso of that size is not refused for its size.
+    let noise_bytes = noise(17 * MIB as usize, 99);
+    let big = Hex::with_extra_contents(&[file("priv/noise.bin", &noise_bytes)]).build();
+    assert!(big.len() as u64 > 17 * MIB);
+    assert_err!(
+        refuse(&big, &lim),
+        ArchiveError::TooLarge { limit } if *limit == 16 * MIB
+    );
+    accept(
+        &niso_with_extra(&[file("payload/noise.bin", &noise_bytes)]),
+        &lim,
+    );
+}
+
+#[test]
+fn hex_limits_are_exact_and_configurable() {
+    // The tarball's size, exactly at the limit and one byte over.
+    let bytes = Hex::valid().build();
+    let len = bytes.len() as u64;
+    let at = Limits {
+        max_hex_tarball: len,
+        ..limits()
+    };
+    accept(&bytes, &at);
+    assert_err!(
+        refuse(
+            &bytes,
+            &Limits {
+                max_hex_tarball: len - 1,
+                ..limits()
+            }
+        ),
+        ArchiveError::TooLarge { limit } if *limit == len - 1
+    );
+    // max_archive (the upload limit) still applies when it is the smaller.
+    assert_err!(
+        refuse(
+            &bytes,
+            &Limits {
+                max_archive: len - 1,
+                ..limits()
+            }
+        ),
+        ArchiveError::TooLarge { limit } if *limit == len - 1
+    );
+    // Hex's limit does not touch .niso archives.
+    accept(
+        &niso_valid(),
+        &Limits {
+            max_hex_tarball: 1,
+            max_hex_unpacked: 1,
+            ..limits()
+        },
+    );
+    // Unpacked: hex_core counts the whole decompressed contents tar
+    // (headers and padding too), so that is the measure, with no slack.
+    let hex = Hex::valid();
+    let tar_len = {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(hex.contents.as_slice()),
+            &mut out,
+        )
+        .unwrap();
+        out.len() as u64
+    };
+    accept(
+        &hex.build(),
+        &Limits {
+            max_hex_unpacked: tar_len,
+            ..limits()
+        },
+    );
+    assert_err!(
+        refuse(
+            &hex.build(),
+            &Limits {
+                max_hex_unpacked: tar_len - 1,
+                ..limits()
+            }
+        ),
+        ArchiveError::UnpackedTooLarge { limit } if *limit == tar_len - 1
+    );
+    // Raised, a Hex tarball over the default is accepted.
+    accept(
+        &hex_with_zeros(200 * MIB),
+        &Limits {
+            max_hex_unpacked: 256 * MIB,
+            ..limits()
+        },
+    );
+}
+
+/// metadata.config with `description` written as the Erlang binary `raw`.
+fn hex_metadata_with_description(raw: &str) -> Vec<u8> {
+    String::from_utf8(hex_metadata("my_pkg", "1.2.3", "[]"))
+        .unwrap()
+        .replace("<<\"A test package\">>", raw)
+        .into_bytes()
+}
+
+#[test]
+fn hex_descriptions_follow_the_niso_rule() {
+    // Regression test (security issue 16, item 4): a 1 MB description with
+    // NUL and escape codes was accepted and landed in v1/packages/index.json.
+    let mut failures = Vec::new();
+    let huge = format!("<<\"{}\\0\\e[31m\">>", "d".repeat(1_000_000 - 20));
+    for (case, raw) in [
+        ("1 MB with NUL and ESC", huge),
+        ("513 bytes", format!("<<\"{}\">>", "d".repeat(513))),
+        ("a newline", "<<\"two\\nlines\">>".to_string()),
+        ("a NUL", "<<\"nul\\0\">>".to_string()),
+        ("an escape code", "<<\"\\e[2J\">>".to_string()),
+        ("a tab", "<<\"tab\\there\">>".to_string()),
+    ] {
+        let lim = Limits {
+            max_metadata: 2 * MIB,
+            ..limits()
+        };
+        match inspect(
+            Hex::with_metadata(hex_metadata_with_description(&raw))
+                .build()
+                .as_slice(),
+            &lim,
+        ) {
+            Err(
+                ref e @ ArchiveError::Invalid {
+                    file: "metadata.config",
+                    ref reason,
+                },
+            ) if reason.contains("description") => {
+                if e.to_string().len() > SHORT_MESSAGE {
+                    failures.push(format!("{case}: message of {} bytes", e.to_string().len()));
+                }
+            }
+            other => failures.push(format!("{case}: {:.300}", format!("{other:?}"))),
+        }
+    }
+    assert_no_failures(&failures);
+    // At the limit, and UTF-8 counted in bytes.
+    let ok = format!("<<\"{}\"/utf8>>", "é".repeat(256));
+    let info = accept(
+        &Hex::with_metadata(hex_metadata_with_description(&ok)).build(),
+        &limits(),
+    );
+    assert_eq!(info.description.as_deref(), Some("é".repeat(256).as_str()));
+    // Blank is no description, as in niso.toml.
+    let info = accept(
+        &Hex::with_metadata(hex_metadata_with_description("<<\"  \">>")).build(),
+        &limits(),
+    );
+    assert_eq!(info.description, None);
+}
+
+#[test]
+fn windows_device_names_are_refused_in_archives() {
+    // Regression test (security issue 16, item 5): a package `con` or an
+    // arch `com1` becomes a path (`packages/con`, `v1/packages/NAME/VERSION/com1`)
+    // that cannot be copied to a Windows machine.
+    for name in ["con", "prn", "aux", "nul", "com1", "com9", "lpt1", "lpt9"] {
+        let text = assert_err!(
+            manifest_refused(&manifest_with("name", Some(&format!("{name:?}")))),
+            ArchiveError::Ident(IdentError::PackageName { name: n, rule })
+                if n == name && rule.contains("Windows")
+        );
+        assert!(text.contains(name), "{text}");
+        assert_err!(
+            manifest_refused(&manifest_with("arch", Some(&format!("{name:?}")))),
+            ArchiveError::Ident(IdentError::Arch { arch, rule })
+                if arch == name && rule.contains("Windows")
+        );
+        assert_err!(
+            refuse(
+                &Hex::with_metadata(hex_metadata(name, "1.0.0", "[]")).build(),
+                &limits()
+            ),
+            ArchiveError::Ident(IdentError::PackageName { name: n, .. }) if n == name
+        );
+    }
+    // Longer names that merely start with one are fine.
+    for name in ["console", "auxiliary", "com10", "nullable"] {
+        let info = accept(
+            &Hex::with_metadata(hex_metadata(name, "1.0.0", "[]")).build(),
+            &limits(),
+        );
+        assert_eq!(info.name.as_str(), name);
+    }
+}
+
+#[test]
+fn error_messages_cut_user_text_to_a_few_hundred_bytes() {
+    // Regression test (security issue 16, item 2): errors repeated names,
+    // paths and parser messages whole (the memory bomb's error was 805 MB).
+    let mut failures = Vec::new();
+    let mut check = |what: &str, e: ArchiveError| {
+        let text = e.to_string();
+        if text.len() > SHORT_MESSAGE {
+            failures.push(format!("{what}: {} bytes: {:.200}", text.len(), text));
+        }
+    };
+    // A 60 KiB long name (under the 64 KiB cap for long-name headers).
+    let long = "a/".repeat(30 * 1024);
+    let mut t = tar_body(&[file("niso.toml", MANIFEST)]);
+    t.extend_from_slice(&tar_body(&[
+        Ent {
+            data: long.clone().into_bytes(),
+            ..ent("././@LongLink", tar::EntryType::GNULongName)
+        },
+        file("x", "x"),
+    ]));
+    check("long path", refuse(&gz(&t), &limits()));
+    // A name of 100 KB in metadata.config.
+    let name = "a".repeat(100_000);
+    check(
+        "long package name",
+        refuse(
+            &Hex::with_metadata(hex_metadata(&name, "1.0.0", "[]")).build(),
+            &limits(),
+        ),
+    );
+    // A TOML error on a 500 KB line (the parser quotes the line).
+    let manifest = format!("{MANIFEST}\nbad = [{}\n", "1,".repeat(250_000));
+    check("TOML error", manifest_refused(&manifest));
+    // A bad version and a bad requirement of 100 KB.
+    check(
+        "long version",
+        refuse(
+            &Hex::with_metadata(hex_metadata("my_pkg", &format!("1.0.0-{name}"), "[]")).build(),
+            &limits(),
+        ),
+    );
+    let req = format!("[{{<<\"{name}\">>,[{{<<\"requirement\">>,<<\"~> 1.0\">>}}]}}]");
+    check(
+        "long requirement name",
+        refuse(
+            &Hex::with_metadata(hex_metadata("my_pkg", "1.0.0", &req)).build(),
+            &limits(),
+        ),
+    );
+    // An Erlang syntax error after a long atom.
+    let mut meta = hex_metadata("my_pkg", "1.0.0", "[]");
+    meta.extend_from_slice(format!("{{'{}' ,, }}.\n", "q".repeat(250)).as_bytes());
+    check(
+        "syntax error",
+        refuse(&Hex::with_metadata(meta).build(), &limits()),
+    );
+    assert_no_failures(&failures);
+}

@@ -79,6 +79,7 @@ async fn problems(store: Arc<dyn Store>) -> Vec<String> {
                 limits: Limits::default(),
                 now: fixed_clock() - 10,
                 listing: None,
+                allow_expired: false,
             },
         )
         .problems

@@ -688,6 +688,7 @@ async fn problems(store: Arc<dyn Store>) -> Vec<String> {
                 limits: Limits::default(),
                 now: niso::publish::unix_now(),
                 listing: None,
+                allow_expired: false,
             },
         )
         .problems

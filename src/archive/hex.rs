@@ -38,7 +38,7 @@ impl HexTarball {
             sha256,
             size,
             inner_checksum: self.inner_checksum.to_vec(),
-            description: self.meta.description.filter(|d| !d.is_empty()),
+            description: self.meta.description,
             dependencies: self
                 .meta
                 .requirements
@@ -56,9 +56,12 @@ impl HexTarball {
     }
 }
 
-/// Reads the outer tar. `reader` yields the raw file bytes.
+/// Reads the outer tar. `reader` yields the raw file bytes. Hex's own limits
+/// apply ([`Limits::for_hex`]); the caller bounds the raw bytes with
+/// `limits.for_hex().max_archive`.
 pub fn read(reader: impl Read, limits: &Limits) -> Result<HexTarball, ArchiveError> {
-    let mut archive = tar::Archive::new(TarGuard::new(reader));
+    let limits = &limits.for_hex();
+    let mut archive = tar::Archive::new(TarGuard::new(reader, "tarball"));
     let mut outer = EntryChecker::new(limits);
     let mut version_file: Option<Vec<u8>> = None;
     let mut checksum_file: Option<Vec<u8>> = None;
@@ -105,6 +108,9 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<HexTarball, ArchiveErr
         }
     }
 
+    // Only zeros may follow the outer tar's end marker.
+    archive.into_inner().drain().map_err(not_tar)?;
+
     let version_file = version_file.ok_or(ArchiveError::Missing("VERSION"))?;
     if version_file.trim_ascii() != b"3" {
         return Err(ArchiveError::Invalid {
@@ -145,7 +151,9 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<HexTarball, ArchiveErr
     let name = PackageName::new(&meta.name)?;
     let version = Version::new(&meta.version)?;
     for r in &meta.requirements {
-        PackageName::new(&r.name).map_err(|e| ArchiveError::Invalid {
+        // A requirement only names a package (perhaps in another
+        // repository); it never becomes a path here.
+        PackageName::reference(&r.name).map_err(|e| ArchiveError::Invalid {
             file: "metadata.config",
             reason: format!("requirement: {e}"),
         })?;
@@ -156,6 +164,15 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<HexTarball, ArchiveErr
             });
         }
     }
+    // The same rule as a .niso description: it lands in the indexes and in
+    // v1/packages/index.json, which clients show on terminals and pages.
+    let mut meta = meta;
+    meta.description = super::check_description(meta.description.take()).map_err(|reason| {
+        ArchiveError::Invalid {
+            file: "metadata.config",
+            reason,
+        }
+    })?;
     Ok(HexTarball {
         meta,
         name,
@@ -179,7 +196,12 @@ fn check_contents(
         },
     );
     let gz = GzDecoder::new(tee);
-    let bounded = TarGuard::new(UnpackLimit::new(gz, limits.max_unpacked));
+    // No slack for tar headers: hex_core counts the whole decompressed
+    // stream against its limit, so that is what is counted here.
+    let bounded = TarGuard::new(
+        UnpackLimit::new(gz, limits.max_unpacked, 0),
+        "contents.tar.gz",
+    );
     let mut inner_tar = tar::Archive::new(bounded);
     let mut checker = EntryChecker::new(limits);
     {
@@ -198,11 +220,12 @@ fn check_contents(
             })?;
         }
     }
-    // Finish the gzip stream (its CRC is checked at the end), then refuse
-    // anything after it: a second gzip member would be unpacked by clients
-    // as more files that were never checked here.
+    // Finish the tar through the guard (only zeros may follow its end
+    // marker) and the gzip stream (its CRC is checked at the end), then
+    // refuse anything after it: a second gzip member would be unpacked by
+    // clients as more files that were never checked here.
     let mut bounded = inner_tar.into_inner();
-    io::copy(&mut bounded, &mut io::sink()).map_err(contents_error)?;
+    bounded.drain().map_err(contents_error)?;
     let mut rest = bounded.into_inner().into_inner().into_inner();
     if !rest.fill_buf().map_err(contents_error)?.is_empty() {
         return Err(ArchiveError::Invalid {

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::safe::{self, EntryChecker, EntryKind, TarGuard, UnpackLimit};
 use super::{ArchiveError, ArchiveInfo, ArchiveKind, Runtime};
 use crate::ident::{Arch, PackageName, Version};
-use crate::limits::Limits;
+use crate::limits::{Limits, Quoted};
 
 pub const MANIFEST: &str = "niso.toml";
 pub const README: &str = "README.md";
@@ -87,8 +87,6 @@ pub struct Manifest {
     pub preset: Option<String>,
 }
 
-const MAX_DESCRIPTION: usize = 512;
-
 fn invalid(reason: impl Into<String>) -> ArchiveError {
     ArchiveError::Invalid {
         file: MANIFEST,
@@ -100,24 +98,11 @@ impl Manifest {
     pub fn parse(text: &[u8]) -> Result<Self, ArchiveError> {
         let text = std::str::from_utf8(text).map_err(|_| invalid("not UTF-8"))?;
         let file: ManifestFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let description = match file.package.description {
-            Some(d) if d.len() > MAX_DESCRIPTION => {
-                return Err(invalid(format!(
-                    "description is longer than {MAX_DESCRIPTION} bytes"
-                )))
-            }
-            Some(d) if d.chars().any(char::is_control) => {
-                return Err(invalid(
-                    "description must be one line without control characters",
-                ))
-            }
-            Some(d) if d.trim().is_empty() => None,
-            d => d,
-        };
+        let description = super::check_description(file.package.description).map_err(invalid)?;
         let entrypoint = safe::check_path(&file.binary.entrypoint).map_err(|_| {
             invalid(format!(
-                "binary.entrypoint {:?} must be a relative path inside payload/ without '..'",
-                file.binary.entrypoint
+                "binary.entrypoint {} must be a relative path inside payload/ without '..'",
+                Quoted(&file.binary.entrypoint)
             ))
         })?;
         let preset = match file.isolation {
@@ -129,8 +114,8 @@ impl Manifest {
                     });
                 if !ok {
                     return Err(invalid(format!(
-                        "isolation.preset {:?} must be 1 to 32 lowercase ASCII letters, digits, '-' or '_'",
-                        i.preset
+                        "isolation.preset {} must be 1 to 32 lowercase ASCII letters, digits, '-' or '_'",
+                        Quoted(&i.preset)
                     )));
                 }
                 Some(i.preset)
@@ -179,7 +164,10 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<NisoArchive, ArchiveEr
     // bufread's decoder leaves unread input in the BufReader (the read one
     // would swallow up to 32 KiB of it), so trailing bytes can be seen.
     let gz = GzDecoder::new(BufReader::with_capacity(64 * 1024, reader));
-    let bounded = TarGuard::new(UnpackLimit::new(gz, limits.max_unpacked));
+    let bounded = TarGuard::new(
+        UnpackLimit::new(gz, limits.max_unpacked, safe::HEADER_SLACK),
+        "archive",
+    );
     let mut archive = tar::Archive::new(bounded);
     let mut checker = EntryChecker::new(limits);
     let mut manifest: Option<Manifest> = None;
@@ -224,11 +212,12 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<NisoArchive, ArchiveEr
             }
         }
     }
-    // Finish the gzip stream so its CRC is checked, and refuse bytes after
-    // it: a second gzip member would be read by `tar xzf` as more entries
-    // that were never checked here.
+    // Finish the tar through the guard (only zeros may follow its end
+    // marker) and the gzip stream so its CRC is checked, and refuse bytes
+    // after it: a second gzip member would be read by `tar xzf` as more
+    // entries that were never checked here.
     let mut bounded = archive.into_inner();
-    io::copy(&mut bounded, &mut io::sink()).map_err(gz_error)?;
+    bounded.drain().map_err(gz_error)?;
     let mut raw = bounded.into_inner().into_inner().into_inner();
     if !raw.fill_buf().map_err(safe::io_error)?.is_empty() {
         return Err(ArchiveError::TrailingData);
@@ -236,8 +225,8 @@ pub fn read(reader: impl Read, limits: &Limits) -> Result<NisoArchive, ArchiveEr
     let manifest = manifest.ok_or(ArchiveError::Missing(MANIFEST))?;
     if !files.contains(&manifest.entrypoint) {
         return Err(invalid(format!(
-            "binary.entrypoint {:?} is not a file under payload/",
-            manifest.entrypoint
+            "binary.entrypoint {} is not a file under payload/",
+            Quoted(&manifest.entrypoint)
         )));
     }
     Ok(NisoArchive { manifest })

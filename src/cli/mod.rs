@@ -6,6 +6,7 @@
 
 mod gc;
 mod keys;
+mod mirror;
 mod output;
 mod package;
 mod pull;

@@ -13,7 +13,7 @@ use crate::client::{HttpTransport, StoreTransport, Transport};
 use crate::datadir::{self, DataDir};
 use crate::ident::RepoName;
 use crate::index::{PublicKey, RepoKey, Signer};
-use crate::limits::Limits;
+use crate::limits::{LimitArgs, Limits};
 use crate::publish::{unix_now, Layout, Options, Publisher, StagedFile, Upload};
 use crate::store::{LocalStore, Store};
 
@@ -43,6 +43,8 @@ pub enum RegistryCommand {
     Verify(VerifyArgs),
     /// Publish archives into a registry directly, without a server.
     Publish(PublishArgs),
+    /// Copy a registry, verified: into a directory or another registry.
+    Mirror(super::mirror::MirrorArgs),
     /// Remove old versions: keep the N newest of every package and every tagged one.
     Gc(super::gc::GcArgs),
 }
@@ -62,6 +64,7 @@ impl RegistryCommand {
             Self::Build(a) => a.run(ctx),
             Self::Verify(a) => a.run(ctx),
             Self::Publish(a) => a.run(ctx),
+            Self::Mirror(a) => a.run(ctx),
             Self::Gc(a) => a.run(ctx),
         }
     }
@@ -171,6 +174,8 @@ pub struct BuildArgs {
     /// configured one (s3://BUCKET/PREFIX or a directory).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl BuildArgs {
@@ -222,7 +227,10 @@ impl BuildArgs {
                 signer.clone(),
                 repo.clone(),
                 layout,
-                Options::default(),
+                Options {
+                    limits: self.limits.apply(Limits::default()),
+                    ..Options::default()
+                },
             )
             .await
             .with_context(|| format!("cannot read the current indexes of {repo}"))?;
@@ -263,6 +271,11 @@ Examples:
   $ niso registry verify /var/lib/niso-registry/public --public-key acme.pub --name acme
   $ niso registry verify https://registry.example.com --public-key acme.pub --name acme --org team
   $ niso registry verify s3://acme-registry/tree --public-key acme.pub --name acme
+  # An air-gapped copy older than its freshness record's expiry (30 days):
+  $ niso registry verify /mnt/usb/registry --public-key acme.pub --name acme --allow-expired
+
+An organization's files are read over HTTP with --key, NISO_KEY, or the key
+of the configured registry at that URL, sent to that host only.
 
 With --json, one line per problem and per repository:
   {\"type\":\"problem\",\"repository\":\"acme\",\"prefix\":\"\",\"message\":\"names: …\"}
@@ -280,9 +293,39 @@ pub struct VerifyArgs {
     /// automatically in a local directory.
     #[arg(long = "org")]
     orgs: Vec<RepoName>,
+    /// The API key to read organization repositories over HTTP with (they
+    /// are private). Default: NISO_KEY, else the key of the configured
+    /// registry whose URL this is. Sent only to TARGET's host, and only for
+    /// the organizations' files.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+    /// Report an expired freshness record as a warning, not a problem: an
+    /// offline copy older than its expiry, checked knowingly.
+    #[arg(long)]
+    allow_expired: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl VerifyArgs {
+    /// The key for organizations: --key, else NISO_KEY, else the key of
+    /// the configured registry at this URL.
+    fn api_key(&self, ctx: &super::Ctx) -> anyhow::Result<Option<String>> {
+        if let Some(k) = &self.key {
+            return Ok(Some(k.clone()));
+        }
+        if let Ok(k) = std::env::var(crate::client::config::KEY_ENV) {
+            if !k.is_empty() {
+                return Ok(Some(k));
+            }
+        }
+        let (config, path) = ctx.config()?;
+        Ok(match config.find(&self.target) {
+            Some(name) => config.select(Some(name.as_str()), &path)?.key,
+            None => None,
+        })
+    }
+
     fn run(self, ctx: &super::Ctx) -> anyhow::Result<Outcome> {
         let key = PublicKey::from_file(&self.public_key)?;
         let rt = super::runtime()?;
@@ -314,6 +357,11 @@ impl VerifyArgs {
             let l = Layout::organization(&o);
             (o, l)
         }));
+        // Organizations are private: over HTTP they are read with a key.
+        let api_key = match (&store, self.orgs.is_empty()) {
+            (None, false) => self.api_key(ctx)?,
+            _ => None,
+        };
         let mut total = 0;
         for (repo, layout) in repos {
             let (transport, listing): (Box<dyn Transport>, Option<Vec<String>>) = match &store {
@@ -333,22 +381,17 @@ impl VerifyArgs {
                 }
                 None => {
                     let base = format!("{}/{}", self.target.trim_end_matches('/'), layout.prefix());
+                    // The root repository is public: no key for it.
+                    let key = match layout.prefix() {
+                        "" => None,
+                        _ => api_key.as_deref(),
+                    };
                     (
-                        Box::new(HttpTransport::new(base.trim_end_matches('/'))?),
+                        Box::new(HttpTransport::with_key(base.trim_end_matches('/'), key)?),
                         None,
                     )
                 }
             };
-            let report = verify(
-                transport.as_ref(),
-                &VerifyOptions {
-                    repository: repo.to_string(),
-                    public_key: key.clone(),
-                    limits: Limits::default(),
-                    now: unix_now(),
-                    listing,
-                },
-            );
             // Problems name a place in the tree (`names: …`, `my-app 1.0.0
             // (x86_64): …`), under `repos/ORG/` for an organization; never
             // the repository name alone, which would read like the `niso:`
@@ -357,6 +400,22 @@ impl VerifyArgs {
                 "" => String::new(),
                 p => format!("{p}/"),
             };
+            let report = verify(
+                transport.as_ref(),
+                &VerifyOptions {
+                    repository: repo.to_string(),
+                    public_key: key.clone(),
+                    limits: self.limits.apply(Limits::default()),
+                    now: unix_now(),
+                    listing,
+                    allow_expired: self.allow_expired,
+                },
+            );
+            for w in &report.warnings {
+                eprintln!(
+                    "niso: WARNING: {place}{w}; allowed by --allow-expired: this copy may be stale"
+                );
+            }
             for p in &report.problems {
                 if ctx.json {
                     ctx.emit(
@@ -422,6 +481,8 @@ pub struct PublishArgs {
     /// Archives: Hex tarballs (.tar) or .niso archives.
     #[arg(required = true)]
     archives: Vec<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl PublishArgs {
@@ -439,7 +500,10 @@ impl PublishArgs {
             .publisher(
                 Arc::new(dd.key()?),
                 layout,
-                Options::default(),
+                Options {
+                    limits: self.limits.apply(Limits::default()),
+                    ..Options::default()
+                },
                 self.store.as_deref(),
             )
             .await?;

@@ -13,6 +13,7 @@ use crate::auth::{ApiKey, KeyStore, Scopes};
 use crate::datadir::DataDir;
 use crate::ident::RepoName;
 use crate::index::Signer;
+use crate::limits::{LimitArgs, Limits};
 use crate::publish::{unix_now, Options};
 use crate::server::{self, App, Settings};
 
@@ -103,6 +104,8 @@ pub struct ServeArgs {
     /// configured one (s3://BUCKET/PREFIX or a directory).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl ServeArgs {
@@ -201,7 +204,13 @@ impl ServeArgs {
                 dd.staging_dir(),
                 dd.repository().clone(),
                 Some(keys),
-                Some((signer, Options::default())),
+                Some((
+                    signer,
+                    Options {
+                        limits: self.limits.apply(Limits::default()),
+                        ..Options::default()
+                    },
+                )),
             )
             .await?
         };

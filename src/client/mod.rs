@@ -17,6 +17,7 @@ pub mod config;
 pub mod fetch;
 pub mod freshness;
 pub mod gc;
+pub mod mirror;
 pub mod session;
 pub mod signing;
 pub mod state;

@@ -13,6 +13,15 @@ pub enum TransportError {
     NotFound { location: String },
     #[error("{location}: larger than the limit of {limit} bytes")]
     TooLarge { location: String, limit: u64 },
+    /// The server turned the request away for now (429, 502, 503, 504):
+    /// the same request may succeed later, after `retry_after` seconds
+    /// when the server said (`Retry-After`).
+    #[error("{location}: HTTP {status}: the server is busy or limits the rate of requests{}; try again later", retry_after.map(|s| format!(" (it asks to wait {s} s)")).unwrap_or_default())]
+    Busy {
+        location: String,
+        status: u16,
+        retry_after: Option<u64>,
+    },
     #[error("{location}: {reason}")]
     Other { location: String, reason: String },
 }
@@ -136,6 +145,21 @@ impl Transport for HttpTransport {
             reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::FORBIDDEN => {
                 // S3 answers 403 for a missing key when listing is not allowed.
                 return Err(TransportError::NotFound { location });
+            }
+            s @ (reqwest::StatusCode::TOO_MANY_REQUESTS
+            | reqwest::StatusCode::BAD_GATEWAY
+            | reqwest::StatusCode::SERVICE_UNAVAILABLE
+            | reqwest::StatusCode::GATEWAY_TIMEOUT) => {
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok());
+                return Err(TransportError::Busy {
+                    location,
+                    status: s.as_u16(),
+                    retry_after,
+                });
             }
             s => return Err(other(format!("HTTP {s}"))),
         }

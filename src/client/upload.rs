@@ -68,6 +68,13 @@ impl Prepared {
             self.info.name, self.info.version, self.info.arch
         )
     }
+
+    /// An archive the caller already holds as a private file (an anonymous
+    /// temp file nobody else can change) and has read with
+    /// [`archive::inspect`]: what a mirror downloaded and verified.
+    pub fn from_verified(snapshot: File, info: ArchiveInfo) -> Self {
+        Self { snapshot, info }
+    }
 }
 
 /// Copies `path` into an anonymous temp file and reads name, version and
@@ -185,6 +192,19 @@ impl Pusher<'_> {
             .map(|k| signing::sign_file(k, &prepared.snapshot))
             .transpose()?
             .map(|s| base64::engine::general_purpose::STANDARD.encode(s.to_bytes()));
+        self.send(prepared, signature.as_deref(), progress)
+    }
+
+    /// Uploads a prepared archive with `signature` (base64 Ed25519, sent as
+    /// `X-Niso-Signature`), without first asking whether it is published
+    /// (the caller knows it is not): lost answers are retried, and a 409 is
+    /// decided from the signed index as in [`Self::push`].
+    pub fn send(
+        &self,
+        prepared: &Prepared,
+        signature: Option<&str>,
+        progress: Option<Progress>,
+    ) -> Result<Pushed, PushError> {
         let info = &prepared.info;
         let path = api::upload_path(self.org, &info.name, &info.version, &info.arch);
         let api_err = |source| PushError::Api {
@@ -201,12 +221,9 @@ impl Pusher<'_> {
                     source,
                 }
             })?;
-            let answer = self
-                .api
-                .upload(&path, body, info.size, signature.as_deref())
-                .and_then(|(status, retry_after, body)| {
-                    api::parse::<Uploaded>(status, retry_after, &body)
-                });
+            let answer = self.api.upload(&path, body, info.size, signature).and_then(
+                |(status, retry_after, body)| api::parse::<Uploaded>(status, retry_after, &body),
+            );
             let error = match answer {
                 Ok(_) => {
                     return Ok(Pushed::Uploaded {

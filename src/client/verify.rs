@@ -42,11 +42,16 @@ pub struct VerifyOptions {
     /// the tree can be listed (a local directory): enables the check for
     /// unreferenced files.
     pub listing: Option<Vec<String>>,
+    /// An expired freshness record is a warning, not a problem (an offline
+    /// copy checked knowingly).
+    pub allow_expired: bool,
 }
 
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     pub problems: Vec<String>,
+    /// What was allowed but should be known (an expired record).
+    pub warnings: Vec<String>,
     pub packages: usize,
     pub releases: usize,
     pub artifacts: usize,
@@ -519,11 +524,18 @@ impl Verifier<'_> {
         top: &BTreeMap<String, render::Digest256>,
     ) -> BTreeMap<String, pb::FileDigest> {
         if f.expires_at <= self.o.now {
-            self.problem(format!(
+            let text = format!(
                 "{}: expired at {} (re-sign it with `niso registry build`)",
                 layout::FRESHNESS,
                 json::rfc3339(f.expires_at)
-            ));
+            );
+            if self.o.allow_expired {
+                self.report.warnings.push(text);
+            } else {
+                self.problem(format!(
+                    "{text}; an offline copy older than that is checked with --allow-expired"
+                ));
+            }
         }
         let matches = |l: &pb::FileDigest, d: &render::Digest256| {
             l.sha256 == d.sha256 && l.length == d.length

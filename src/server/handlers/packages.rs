@@ -12,7 +12,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use crate::archive;
+use crate::archive::{self, ArchiveError};
 use crate::auth::{Action, KeyRecord};
 use crate::ident::{Arch, PackageName, RepoName, TagName, Version};
 use crate::index::json;
@@ -157,12 +157,20 @@ pub async fn upload(
         ));
     }
 
-    let limits = archive_limits(&app);
+    let limits = archive_limits(&app).await?;
     let staged_path = staged.path().to_path_buf();
     let info = tokio::task::spawn_blocking(move || archive::inspect_file(&staged_path, &limits))
         .await
         .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::bad_request(format!("invalid archive: {e}")))?;
+        .map_err(|e| match e {
+            // Over a size limit for its kind (a Hex tarball over
+            // --max-hex-tarball): the upload itself is too large.
+            ArchiveError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("invalid archive: {e}"),
+            ),
+            e => ApiError::bad_request(format!("invalid archive: {e}")),
+        })?;
     if info.name != name || info.version != version || info.arch != arch {
         return Err(ApiError::bad_request(format!(
             "the archive holds {} {} ({}) but the URL names {name} {version} ({arch})",
@@ -317,11 +325,15 @@ impl UploadPace {
     }
 }
 
-fn archive_limits(app: &AppState) -> crate::limits::Limits {
-    crate::limits::Limits {
+/// The limits an upload is checked with: the publisher's (the serve
+/// command's flags; every repository's publisher has the same, and the
+/// root one is open from start-up), bounded by `--max-upload`.
+async fn archive_limits(app: &AppState) -> ApiResult<crate::limits::Limits> {
+    let limits = *app.committer(None).await?.publisher().limits();
+    Ok(crate::limits::Limits {
         max_archive: app.settings.max_upload,
-        ..Default::default()
-    }
+        ..limits
+    })
 }
 
 type SignatureParts = (
