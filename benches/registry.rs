@@ -20,6 +20,12 @@
 //!    different packages (group commit);
 //! 4. prints a Markdown report and writes it to `target/bench-registry.md`.
 //!
+//! With `--store URL` (e.g. `s3://BUCKET/PREFIX`, settings from the
+//! standard `AWS_*` variables), each size's tree is in that store instead,
+//! under a prefix of its own (`URL/niso-bench-PID-N`): the data directory
+//! is made with `--store`, the archives are put into the store (not timed),
+//! and the rebuilds and publishes go to it.
+//!
 //! `cargo bench` builds the `niso` binary (with the bench profile, which
 //! inherits `release`) before running this program and tells it the path as
 //! `CARGO_BIN_EXE_niso`; `--niso PATH` runs another binary instead.
@@ -43,6 +49,7 @@ use niso::datadir::DataDir;
 use niso::ident::RepoName;
 use niso::limits::Limits;
 use niso::publish::{unix_now, Layout, Options, StagedFile, Upload};
+use niso::store::{Body, PutMode, Store, TreePath};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -55,6 +62,9 @@ usage: cargo bench --bench registry -- [options]
   --batch B            uploads per publish_batch (default 32)
   --batches R          publish_batch runs to time (default 5)
   --dir PATH           where to create the temporary trees (default: the temp dir)
+  --store URL          put each tree in this store (s3://BUCKET/PREFIX, with
+                       the AWS_* variables), under a prefix of its own; the data
+                       directories stay under --dir
   --niso PATH          the niso binary to run (default: the one cargo built)
   --out PATH           report file (default: target/bench-registry.md)
   --keep               keep the generated trees
@@ -67,6 +77,7 @@ struct Config {
     batch: usize,
     batches: usize,
     dir: PathBuf,
+    store: Option<String>,
     niso: PathBuf,
     out: PathBuf,
     keep: bool,
@@ -82,6 +93,7 @@ fn parse_args() -> Result<Config> {
         batch: 32,
         batches: 5,
         dir: std::env::temp_dir(),
+        store: None,
         niso: PathBuf::from(env!("CARGO_BIN_EXE_niso")),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-registry.md"),
         keep: false,
@@ -112,6 +124,7 @@ fn parse_args() -> Result<Config> {
             "--batch" => cfg.batch = value("--batch")?.parse()?,
             "--batches" => cfg.batches = value("--batches")?.parse()?,
             "--dir" => cfg.dir = value("--dir")?.into(),
+            "--store" => cfg.store = Some(value("--store")?.trim_end_matches('/').to_string()),
             "--niso" => cfg.niso = value("--niso")?.into(),
             "--out" => cfg.out = value("--out")?.into(),
             "--keep" => cfg.keep = true,
@@ -187,6 +200,35 @@ fn generate(archives: &Path, n: usize, v: usize, width: usize) -> Result<u64> {
         total += r?;
     }
     Ok(total)
+}
+
+/// Puts N × V archives into `store`'s `archives/`, 16 at a time; returns
+/// the total bytes written.
+async fn generate_into(store: Arc<dyn Store>, n: usize, v: usize, width: usize) -> Result<u64> {
+    let mut jobs = tokio::task::JoinSet::new();
+    let mut total = 0u64;
+    let mut next = (1..=n).flat_map(|i| (0..v).map(move |k| (i, k)));
+    loop {
+        while jobs.len() < 16 {
+            let Some((i, k)) = next.next() else { break };
+            let store = store.clone();
+            jobs.spawn(async move {
+                let (name, ver) = (package_name(i, width), version(k));
+                let data = niso_archive(&name, &ver, PAYLOAD_LEN);
+                let len = data.len() as u64;
+                let path = TreePath::new(format!("archives/{name}-{ver}-{ARCH}.niso"))?;
+                let attrs = niso::index::layout::attributes(path.as_str(), None);
+                store
+                    .put(&path, Body::from(data), &attrs, PutMode::Overwrite)
+                    .await?;
+                Ok::<u64, niso::store::StoreError>(len)
+            });
+        }
+        match jobs.join_next().await {
+            Some(r) => total += r??,
+            None => return Ok(total),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -296,8 +338,19 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
         .prefix("niso-bench-")
         .tempdir_in(&cfg.dir)?;
     let root = tmp.path().join("registry");
-    let fs_type = fs_type(tmp.path());
-    eprintln!("== N = {n} × {v} releases in {}", root.display());
+    // Each size's tree under a prefix of its own in the store.
+    let store_url = cfg
+        .store
+        .as_ref()
+        .map(|u| format!("{u}/niso-bench-{}-{n}", std::process::id()));
+    let fs_type = match &store_url {
+        Some(u) => u.clone(),
+        None => fs_type(tmp.path()),
+    };
+    eprintln!(
+        "== N = {n} × {v} releases in {}",
+        store_url.as_deref().unwrap_or(&root.display().to_string())
+    );
 
     // 1. Generate (not timed as a result; its time is reported for context).
     let t = Instant::now();
@@ -305,23 +358,30 @@ fn run_size(cfg: &Config, n: usize) -> Result<SizeResult> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let dd = rt.block_on(DataDir::init(&root, &name, None, None))?;
-    let archives_dir = dd.public_dir().join("archives");
-    fs::create_dir_all(&archives_dir)?;
-    let archive_bytes = generate(&archives_dir, n, v, width)?;
-    // Make the generated archives durable now, so the first rebuild's
-    // syncfs does not pay for writing them (a real tree's archives are
-    // already on disk).
-    syncfs(&archives_dir)?;
-    let generate_time = t.elapsed();
+    let dd = rt.block_on(DataDir::init(&root, &name, None, store_url.as_deref()))?;
     let limits = Limits::default();
-    // Check one archive with the registry's own reader before measuring.
-    let first = archives_dir.join(format!(
-        "{}-{}-{ARCH}.niso",
-        package_name(1, width),
-        version(0)
-    ));
-    inspect_file(&first, &limits)?;
+    let archive_bytes = match &store_url {
+        Some(_) => rt.block_on(generate_into(dd.store(None)?, n, v, width))?,
+        None => {
+            let archives_dir = dd.public_dir().join("archives");
+            fs::create_dir_all(&archives_dir)?;
+            let bytes = generate(&archives_dir, n, v, width)?;
+            // Make the generated archives durable now, so the first
+            // rebuild does not pay for writing them (a real tree's archives
+            // are already on disk).
+            syncfs(&archives_dir)?;
+            // Check one archive with the registry's own reader before
+            // measuring.
+            let first = archives_dir.join(format!(
+                "{}-{}-{ARCH}.niso",
+                package_name(1, width),
+                version(0)
+            ));
+            inspect_file(&first, &limits)?;
+            bytes
+        }
+    };
+    let generate_time = t.elapsed();
     eprintln!(
         "   generated {} archives ({:.1} MiB) in {:.1} s",
         n * v,
@@ -496,11 +556,14 @@ fn report(cfg: &Config, results: &[SizeResult]) -> String {
     let _ = writeln!(md, "# niso registry benchmark\n");
     let _ = writeln!(
         md,
-        "Machine: {nproc} CPUs (`nproc`), `uname -m` {}, CPU {}; trees on {} under {}.\n",
+        "Machine: {nproc} CPUs (`nproc`), `uname -m` {}, CPU {}; trees on {}{}.\n",
         uname_m(),
         cpu_model(),
         results.first().map_or("?", |r| r.fs_type.as_str()),
-        cfg.dir.display()
+        match cfg.store {
+            Some(_) => String::new(),
+            None => format!(" under {}", cfg.dir.display()),
+        }
     );
     let mut command = String::from("cargo bench --bench registry");
     if !cfg.args.is_empty() {

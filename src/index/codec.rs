@@ -9,7 +9,6 @@
 //! Decoding follows the order Hex's registry v2 spec gives: gunzip (bounded),
 //! decode `Signed`, verify the signature, and only then decode the payload.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 
 use flate2::{read::GzDecoder, Compression, GzBuilder};
@@ -46,11 +45,12 @@ const GZIP_LEVEL: u32 = 6;
 
 /// Encodes, signs and gzips one index payload.
 pub fn encode_index<M: Message>(message: &M, signer: &dyn Signer) -> Result<Vec<u8>, KeyError> {
-    encode_signed(
-        message.encode_to_vec(),
-        signer,
-        Compression::new(GZIP_LEVEL),
-    )
+    encode_payload(message.encode_to_vec(), signer)
+}
+
+/// Signs and gzips an already encoded index payload.
+pub fn encode_payload(payload: Vec<u8>, signer: &dyn Signer) -> Result<Vec<u8>, KeyError> {
+    encode_signed(payload, signer, Compression::new(GZIP_LEVEL))
 }
 
 /// Like [`encode_index`], in a gzip container without compression: for the
@@ -173,97 +173,6 @@ fn deflate_chunk(chunk: &[u8], level: Compression, last: bool) -> Vec<u8> {
     }
 }
 
-/// The deflated groups of a large index from its last encoding, so the next
-/// encoding deflates only the groups whose bytes changed. Entries are
-/// checked byte for byte before reuse, so a stale cache costs time, never
-/// correctness, and the output is the same with or without it.
-#[derive(Default)]
-pub struct SegmentCache {
-    groups: HashMap<Vec<u8>, Segment>,
-}
-
-struct Segment {
-    raw: Vec<u8>,
-    piece: Piece,
-}
-
-/// The bytes a cached group is found by: its start (its first package's
-/// name, for a `versions` or `names` group). Reuse is decided by comparing
-/// the whole group.
-fn segment_key(raw: &[u8]) -> Vec<u8> {
-    raw[..raw.len().min(48)].to_vec()
-}
-
-/// Signs `payload` and gzips `Signed{payload, signature}` in pieces: the
-/// message head, each group `payload[cuts[i-1]..cuts[i]]`, and the rest of
-/// the payload with the signature, each a [`Piece`], as in the parallel
-/// path of [`gzip`]. A group deflates the same wherever it sits: the groups
-/// found unchanged in `cache` are reused, the others deflated on every
-/// core. Callers cut between packages at points that depend on the package
-/// names only, so a publish changes one group.
-pub fn encode_segmented(
-    payload: Vec<u8>,
-    cuts: &[usize],
-    signer: &dyn Signer,
-    cache: &mut SegmentCache,
-) -> Result<Vec<u8>, KeyError> {
-    use prost::encoding::{encode_key, encode_varint, WireType};
-    let signature = signer.sign(&payload)?;
-    let level = Compression::new(GZIP_LEVEL);
-
-    let mut head = Vec::with_capacity(16);
-    encode_key(1, WireType::LengthDelimited, &mut head);
-    encode_varint(payload.len() as u64, &mut head);
-    let mut ranges = Vec::with_capacity(cuts.len());
-    let mut start = 0;
-    for &cut in cuts {
-        let cut = cut.min(payload.len());
-        if cut > start {
-            ranges.push(start..cut);
-            start = cut;
-        }
-    }
-    let mut tail = payload[start..].to_vec();
-    encode_key(2, WireType::LengthDelimited, &mut tail);
-    encode_varint(signature.len() as u64, &mut tail);
-    tail.extend_from_slice(&signature);
-
-    let mut old = std::mem::take(&mut cache.groups);
-    let found: Vec<Option<Segment>> = ranges
-        .iter()
-        .map(|r| {
-            let raw = &payload[r.clone()];
-            old.remove(&segment_key(raw)).filter(|s| s.raw == raw)
-        })
-        .collect();
-    let segments: Vec<Segment> = found
-        .into_par_iter()
-        .zip(ranges.par_iter())
-        .map(|(hit, r)| {
-            hit.unwrap_or_else(|| {
-                let raw = &payload[r.clone()];
-                Segment {
-                    raw: raw.to_vec(),
-                    piece: Piece::deflate(raw, level, false),
-                }
-            })
-        })
-        .collect();
-
-    let head = Piece::deflate(&head, level, false);
-    let tail = Piece::deflate(&tail, level, true);
-    let out = assemble(
-        std::iter::once(&head)
-            .chain(segments.iter().map(|s| &s.piece))
-            .chain(std::iter::once(&tail)),
-    );
-    cache.groups = segments
-        .into_iter()
-        .map(|s| (segment_key(&s.raw), s))
-        .collect();
-    Ok(out)
-}
-
 /// Gunzips at most `limit` bytes; more is an error, not a truncation.
 pub fn gunzip_limited(bytes: &[u8], limit: u64) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::new();
@@ -366,68 +275,6 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
-        }
-    }
-
-    #[test]
-    fn segmented_encoding_is_an_ordinary_signed_index_whatever_the_cache_holds() {
-        // A payload of many small "rows", cut every 37 of them.
-        let mut payload = Vec::new();
-        let mut cuts = Vec::new();
-        for i in 0..3000u32 {
-            prost::encoding::string::encode(1, &format!("package-{i:05}"), &mut payload);
-            if i % 37 == 36 {
-                cuts.push(payload.len());
-            }
-        }
-        prost::encoding::string::encode(2, &"acme".to_string(), &mut payload);
-        let mut cache = SegmentCache::default();
-        let first = encode_segmented(payload.clone(), &cuts, key(), &mut cache).unwrap();
-        assert!(cache.groups.len() > 50);
-        // gunzip gives exactly the Signed message prost would write.
-        let raw = gunzip_limited(&first, 1 << 24).unwrap();
-        let signed = pb::Signed::decode(raw.as_slice()).unwrap();
-        assert_eq!(signed.payload, payload);
-        assert_eq!(raw, signed.encode_to_vec());
-        assert_eq!(
-            verified_payload(&first, key().public_key(), 1 << 24).unwrap(),
-            payload
-        );
-        // Same bytes from a warm cache and from a cold one.
-        let warm = encode_segmented(payload.clone(), &cuts, key(), &mut cache).unwrap();
-        assert_eq!(warm, first);
-        // Change one row in the middle: only its group is new, and the
-        // result equals a cold encoding of the new payload.
-        let mut changed = payload.clone();
-        let at = cuts[40] + 5;
-        changed[at] ^= 1;
-        let before: std::collections::HashSet<*const u8> = cache
-            .groups
-            .values()
-            .map(|s| s.piece.deflated.as_ptr())
-            .collect();
-        let incremental = encode_segmented(changed.clone(), &cuts, key(), &mut cache).unwrap();
-        let redone = cache
-            .groups
-            .values()
-            .filter(|s| !before.contains(&s.piece.deflated.as_ptr()))
-            .count();
-        assert_eq!(redone, 1, "only the changed group is deflated again");
-        let cold =
-            encode_segmented(changed.clone(), &cuts, key(), &mut SegmentCache::default()).unwrap();
-        assert_eq!(incremental, cold);
-        assert_eq!(
-            verified_payload(&cold, key().public_key(), 1 << 24).unwrap(),
-            changed
-        );
-        // Also with no cuts at all, and cuts past the end.
-        for cuts in [vec![], vec![payload.len() + 10]] {
-            let one = encode_segmented(payload.clone(), &cuts, key(), &mut SegmentCache::default())
-                .unwrap();
-            assert_eq!(
-                verified_payload(&one, key().public_key(), 1 << 24).unwrap(),
-                payload
-            );
         }
     }
 

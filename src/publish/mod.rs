@@ -205,7 +205,6 @@ struct Entry {
 struct Model {
     packages: BTreeMap<String, Entry>,
     rows: render::Rows,
-    cache: render::GlobalCache,
     /// Version of each global file and bin (relative path) as last read or
     /// written; absent from the map: never read; `None`: known missing.
     seen: HashMap<String, Option<ObjectVersion>>,
@@ -407,13 +406,11 @@ impl Publisher {
         } else {
             self.read_packages(&mut model, listed).await?;
         }
-        model.rows = render::Rows::new(
-            model
-                .packages
-                .iter()
-                .map(|(n, e)| (n.clone(), render::row(&e.index)))
-                .collect(),
-        );
+        model.rows = model
+            .packages
+            .iter()
+            .map(|(n, e)| (n.clone(), render::row(&e.index)))
+            .collect();
         Ok(model)
     }
 
@@ -625,8 +622,7 @@ impl Publisher {
                 )
             })
             .collect();
-        let regrouped = model.rows.regroup(&rows);
-        model.rows.apply(rows, regrouped);
+        render::apply(&mut model.rows, rows);
         Ok(())
     }
 
@@ -1298,19 +1294,11 @@ impl Publisher {
             .iter()
             .map(|(n, e)| (n.clone(), Some(render::row(&e.index))))
             .collect();
-        let regrouped = model.rows.regroup(&rows);
         let repository = self.repository.to_string();
         let globals = {
-            let groups = model.rows.groups_with(&regrouped);
-            let cache = &mut model.cache;
+            let all = render::rows_with(&model.rows, &rows);
             cpu(|| {
-                render::global_files(
-                    &repository,
-                    &groups,
-                    render::Wanted::ALL,
-                    self.signer.as_ref(),
-                    cache,
-                )
+                render::global_files(&repository, &all, render::Wanted::ALL, self.signer.as_ref())
             })?
         };
         // The bins of the packages that changed (all of them for a
@@ -1394,7 +1382,7 @@ impl Publisher {
             || !next.removed_bins.is_empty();
         if !sign && !changed && model.fresh_files.as_ref() == Some(&top) {
             // Nothing to say that the record does not say already.
-            model.rows.apply(rows, regrouped);
+            render::apply(&mut model.rows, rows);
             for (name, entry) in std::mem::take(&mut next.packages) {
                 model.packages.insert(name, entry);
             }
@@ -1442,7 +1430,7 @@ impl Publisher {
         }
 
         // Everything is written: the model follows.
-        model.rows.apply(rows, regrouped);
+        render::apply(&mut model.rows, rows);
         for (name, entry) in std::mem::take(&mut next.packages) {
             model.packages.insert(name, entry);
         }
