@@ -127,12 +127,23 @@ impl Server {
     }
 
     pub fn start_on(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(data_dir, extra, Vec::<(&str, String)>::new())
+    }
+
+    /// [`Server::start_on`] with more environment variables (a store's
+    /// settings).
+    pub fn start_with_env<'a>(
+        data_dir: &Path,
+        extra: &[&str],
+        env: impl IntoIterator<Item = (&'a str, String)>,
+    ) -> Self {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_niso"))
             .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(["--name", "acme"])
             .args(extra)
+            .envs(env)
             .env("NISO_ADMIN_KEY", ADMIN_KEY)
             .env("NISO_LOG", "warn")
             .stdout(std::process::Stdio::null())
@@ -152,6 +163,7 @@ impl Server {
                 }
                 _ => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("server exited before listening:\n{}", seen.join("\n"));
                 }
             }

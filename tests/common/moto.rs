@@ -7,7 +7,7 @@ use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use super::{Server, ADMIN_KEY};
+use super::Server;
 
 pub struct Moto {
     child: Child,
@@ -133,43 +133,7 @@ impl Moto {
 
     /// `niso registry serve` on `data_dir` with this server's settings.
     pub fn serve(&self, data_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_niso"))
-            .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(["--name", "acme"])
-            .args(extra)
-            .envs(self.env())
-            .env("NISO_ADMIN_KEY", ADMIN_KEY)
-            .env("NISO_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start niso registry serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let mut seen = Vec::new();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(a) = line.strip_prefix("Listening at http://") {
-                        break a.trim().to_string();
-                    }
-                    seen.push(line);
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("server exited before listening:\n{}", seen.join("\n"));
-                }
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            addr,
-            data_dir: data_dir.to_path_buf(),
-            admin: ADMIN_KEY.to_string(),
-        }
+        Server::start_with_env(data_dir, extra, self.env())
     }
 
     /// The store `s3://BUCKET/PREFIX` on this server, opened in this process
