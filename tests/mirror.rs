@@ -1338,30 +1338,24 @@ fn the_destination_key_is_never_sent_to_the_source() {
     let mut env = Client::new();
     env.env.push(("NISO_KEY".into(), ADMIN_KEY.into()));
     let dst = tmp.path().join("mirror");
-    let args = |extra: &[&'static str]| {
-        let mut a = vec![
-            "registry".to_string(),
-            "mirror".into(),
-            "--from".into(),
-            s.url(""),
-            "--to".into(),
-            p(&dst).to_string(),
-            "--public-key".into(),
-            p(&key).to_string(),
-            "--name".into(),
-            "acme".into(),
-            "--org".into(),
-            "team".into(),
-        ];
-        a.extend(extra.iter().map(|e| e.to_string()));
-        a
-    };
-    let refused = args(&[]);
-    let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+    let url = s.url("");
+    let refused = [
+        "registry",
+        "mirror",
+        "--from",
+        &url,
+        "--to",
+        p(&dst),
+        "--public-key",
+        p(&key),
+        "--name",
+        "acme",
+        "--org",
+        "team",
+    ];
     let e = env.fails(&refused, 2);
     assert!(e.contains("401"), "{e}");
-    let with = args(&["--from-key", ADMIN_KEY]);
-    let with: Vec<&str> = with.iter().map(String::as_str).collect();
+    let with = [&refused[..], &["--from-key", ADMIN_KEY]].concat();
     env.ok(&with);
     assert_verifies(&dst, &key, "acme");
     assert!(dst.join("repos/team/niso/packages/my-app").is_file());
